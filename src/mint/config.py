@@ -1,0 +1,60 @@
+"""Server settings, read once from the environment (prefix `MINT_`) or given explicitly."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def default_dtype(device: str) -> str:
+    # bf16 is the production default on GPUs; on CPUs fp32 is far faster (and exact).
+    return "bfloat16" if device.startswith("cuda") else "float32"
+
+
+@dataclass
+class Settings:
+    """Where mint keeps its data and how it places bases on devices."""
+
+    home: Path = field(default_factory=lambda: Path(os.environ.get("MINT_HOME", "~/.mint")))
+    device: str = field(default_factory=lambda: os.environ.get("MINT_DEVICE", ""))
+    dtype: str = field(default_factory=lambda: os.environ.get("MINT_DTYPE", ""))
+    #: Bases loaded at start-up (public ids or short names); others load on first use.
+    preload_bases: list[str] = field(default_factory=list)
+    #: How long a `retrieve_future` poll is held open before answering "try again".
+    long_poll_s: float = 25.0
+    #: Torch intra-op threads; 0 keeps torch's default.
+    torch_threads: int = field(default_factory=lambda: int(os.environ.get("MINT_THREADS", "0")))
+    #: Sessions without a heartbeat for this long are reaped.
+    session_timeout_s: float = 300.0
+
+    def __post_init__(self) -> None:
+        self.home = Path(self.home).expanduser()
+        if not self.device:
+            self.device = default_device()
+        if not self.dtype:
+            self.dtype = default_dtype(self.device)
+        if self.long_poll_s <= 0:
+            raise ValueError(f"long_poll_s must be positive, got {self.long_poll_s}")
+
+    @property
+    def bases_dir(self) -> Path:
+        return self.home / "bases"
+
+    @property
+    def blobs_dir(self) -> Path:
+        return self.home / "blobs"
+
+    @property
+    def catalog_url(self) -> str:
+        return os.environ.get("MINT_CATALOG_URL", f"sqlite:///{self.home / 'catalog.db'}")
+
+    @property
+    def tenants_file(self) -> Path:
+        return self.home / "tenants.json"

@@ -1,0 +1,104 @@
+"""One exception tree for mint.
+
+Every error a user can cause has a stable code; the API maps codes to HTTP status through
+`HTTP_STATUS_BY_CODE`, so the wire behaviour and the documentation come from one table.
+Messages follow one template: what was wrong, the rule, and how to fix it.
+"""
+
+from __future__ import annotations
+
+
+class MintError(Exception):
+    """Base of every error mint raises on purpose."""
+
+    code = "internal"
+    #: "user" errors are the caller's to fix; "server" errors are ours.
+    category = "server"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class UserError(MintError, ValueError):
+    code = "invalid_request"
+    category = "user"
+
+
+class NotFound(UserError, LookupError):
+    code = "not_found"
+
+
+class UnknownBase(NotFound):
+    code = "unknown_base"
+
+
+class AuthenticationFailed(UserError):
+    code = "unauthenticated"
+
+
+class PermissionDenied(UserError):
+    code = "permission_denied"
+
+
+class MalformedRequest(UserError):
+    code = "malformed_request"
+
+
+class UnsupportedLoss(UserError):
+    code = "unsupported_loss"
+
+
+class InvalidAdapter(UserError):
+    """An adapter that cannot be admitted; the message lists every problem found."""
+
+    code = "invalid_adapter"
+
+    def __init__(self, problems: list[str], subject: str = "adapter") -> None:
+        self.problems = list(problems)
+        listing = "; ".join(self.problems)
+        super().__init__(f"{subject} rejected ({len(self.problems)} problem(s)): {listing}")
+
+
+class Conflict(UserError):
+    code = "conflict"
+
+
+class AliasInUse(Conflict):
+    code = "alias_in_use"
+
+
+class Busy(MintError):
+    """Retryable back-pressure: the caller should retry after `retry_after_s`."""
+
+    code = "busy"
+    category = "server"
+
+    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class JobFailed(MintError, RuntimeError):
+    code = "job_failed"
+
+
+HTTP_STATUS_BY_CODE: dict[str, int] = {
+    "invalid_request": 400,
+    "malformed_request": 400,
+    "unsupported_loss": 400,
+    "invalid_adapter": 400,
+    "unauthenticated": 401,
+    "permission_denied": 403,
+    "not_found": 404,
+    "unknown_base": 404,
+    "conflict": 409,
+    "alias_in_use": 409,
+    "busy": 429,
+    "job_failed": 500,
+    "internal": 500,
+}
+
+
+def http_status_for(error: MintError) -> int:
+    return HTTP_STATUS_BY_CODE.get(error.code, 500)

@@ -1,0 +1,1 @@
+"""Base provisioning, fingerprints and the LoRA mechanism shared by trainer and engine."""
