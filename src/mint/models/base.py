@@ -51,7 +51,9 @@ class ResidentBase:
     def vocab_size(self) -> int:
         return int(self.model.config.vocab_size)  # type: ignore[union-attr]
 
-    def shapes(self, signature: LoraSignature) -> dict[str, tuple[tuple[int, int], tuple[int, int]]]:
+    def shapes(
+        self, signature: LoraSignature
+    ) -> dict[str, tuple[tuple[int, int], tuple[int, int]]]:
         return module_shapes(self.layers, signature)
 
 
@@ -78,7 +80,11 @@ def load_base(
     tokenizer = AutoTokenizer.from_pretrained(folder)
     log.info(
         "base %s resident on %s/%s in %.1fs (%d adaptable layers)",
-        spec.public_id, device, dtype, time.monotonic() - started, len(layers),
+        spec.public_id,
+        device,
+        dtype,
+        time.monotonic() - started,
+        len(layers),
     )
     return ResidentBase(
         base_id=spec.public_id,

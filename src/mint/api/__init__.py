@@ -1,0 +1,1 @@
+"""HTTP service plane: the Tinker wire protocol, authentication, futures."""

@@ -1,0 +1,436 @@
+"""The FastAPI application: Tinker's `/api/v1` routes over the control plane.
+
+Submitting calls answer at once with a request id; `retrieve_future` long-polls the job.
+Every route except health and capabilities needs an `X-API-Key` that maps to a tenant.
+"""
+
+
+import asyncio
+import logging
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, Header, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+
+from mint import __version__
+from mint.api import wire
+from mint.api.proto import decode_forward_backward
+from mint.catalog.records import CheckpointRecord, PolicyRecord
+from mint.control.futures import JobFuture, JsonResult, ProtoResult
+from mint.control.paths import SEGMENT_BY_KIND, CheckpointPath
+from mint.control.service import Service
+from mint.errors import (
+    AuthenticationFailed,
+    MalformedRequest,
+    MintError,
+    UserError,
+    http_status_for,
+)
+from mint.serve.types import SampleRequest, SamplingParams
+
+log = logging.getLogger(__name__)
+
+PROTO = "application/x-protobuf"
+DEFAULT_MAX_TOKENS = 128
+
+
+def error_body(error: MintError) -> dict[str, Any]:
+    return {"error": error.message, "code": error.code, "category": error.category}
+
+
+def create_app(service: Service) -> FastAPI:
+    app = FastAPI(title="mint", version=__version__)
+    app.state.service = service
+
+    @app.exception_handler(MintError)
+    async def on_mint_error(_: Request, error: MintError) -> JSONResponse:
+        headers = {"x-should-retry": "true" if error.code == "busy" else "false"}
+        if error.code == "busy":
+            headers["Retry-After"] = str(max(1, round(getattr(error, "retry_after_s", 1))))
+        return JSONResponse(error_body(error), http_status_for(error), headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def on_bad_body(_: Request, error: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in item['loc'])}: {item['msg']}" for item in error.errors()
+        )
+        wrapped = MalformedRequest(f"request body does not match the Tinker API: {problems}")
+        return JSONResponse(error_body(wrapped), 400, headers={"x-should-retry": "false"})
+
+    def tenant_of(x_api_key: Annotated[str | None, Header()] = None) -> str:
+        if not x_api_key:
+            raise AuthenticationFailed(
+                "missing X-API-Key header; set TINKER_API_KEY to a key made with "
+                "`mint tenant add NAME --key tml-...`"
+            )
+        tenant = service.catalog.tenant_for_key(x_api_key)
+        if tenant is None:
+            raise AuthenticationFailed(
+                "unknown API key; make one with `mint tenant add NAME --key tml-...` on the "
+                "server and set TINKER_API_KEY to it"
+            )
+        return tenant
+
+    Tenant = Annotated[str, Depends(tenant_of)]
+    add_bootstrap_routes(app, service, Tenant)
+    add_training_routes(app, service, Tenant)
+    add_sampling_routes(app, service, Tenant)
+    add_future_routes(app, service, Tenant)
+    add_rest_routes(app, service, Tenant)
+    return app
+
+
+def submitted(future: JobFuture, **extra: Any) -> dict[str, Any]:
+    return {"request_id": future.request_id, **extra}
+
+
+def add_bootstrap_routes(app: FastAPI, service: Service, Tenant: Any) -> None:
+    @app.get("/api/v1/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.post("/api/v1/client/config")
+    async def client_config() -> dict[str, Any]:
+        # pyqwest stays on (the SDK default); fwd/bwd bodies may arrive zstd-compressed.
+        return {"proto_compress_fwdbwd": False}
+
+    @app.post("/api/v1/client/dynamic_config")
+    async def dynamic_config() -> dict[str, Any]:
+        return {"refresh_interval_sec": 300}
+
+    @app.get("/api/v1/get_server_capabilities")
+    async def capabilities() -> dict[str, Any]:
+        models = [
+            {
+                "model_name": spec.public_id,
+                "max_context_length": spec.max_context_length,
+                "trainable": True,
+                "sampleable": True,
+            }
+            for spec in service.supported_bases()
+        ]
+        return {"supported_models": models}
+
+    @app.post("/api/v1/create_session")
+    async def create_session(body: wire.CreateSession, tenant: Tenant) -> dict[str, Any]:
+        session = service.create_session(tenant, body.tags, body.user_metadata)
+        return {"type": "create_session", "session_id": session.session_id}
+
+    @app.post("/api/v1/session_heartbeat")
+    async def heartbeat(body: wire.SessionRef, tenant: Tenant) -> dict[str, Any]:
+        session = service.sessions.heartbeat(tenant, body.session_id)
+        if session.finished:
+            return JSONResponse({"error": "session finished"}, 410)  # type: ignore[return-value]
+        return {"type": "session_heartbeat"}
+
+    @app.post("/api/v1/sessions/{session_id}/finish")
+    async def finish(session_id: str, tenant: Tenant) -> dict[str, Any]:
+        service.finish_session(tenant, session_id)
+        return {}
+
+    @app.post("/api/v1/telemetry")
+    async def telemetry(tenant: Tenant) -> dict[str, str]:
+        return {"status": "accepted"}
+
+
+def add_training_routes(app: FastAPI, service: Service, Tenant: Any) -> None:
+    @app.post("/api/v1/create_model")
+    async def create_model(body: wire.CreateModel, tenant: Tenant) -> dict[str, Any]:
+        future = await asyncio.to_thread(
+            service.create_model,
+            tenant,
+            body.session_id,
+            body.model_seq_id,
+            body.base_model,
+            body.lora_config,
+            body.user_metadata,
+        )
+        model_id = f"{body.session_id}:train:{body.model_seq_id}"
+        return submitted(future, model_id=model_id)
+
+    @app.post("/api/v1/get_info")
+    async def get_info(body: wire.ModelRef, tenant: Tenant) -> dict[str, Any]:
+        return await asyncio.to_thread(service.get_info, tenant, body.model_id)
+
+    @app.post("/api/v1/forward_backward")
+    async def forward_backward(request: Request, tenant: Tenant) -> dict[str, Any]:
+        body = await request.body()
+        call = decode_forward_backward(body, request.headers.get("content-encoding"))
+        future = await asyncio.to_thread(
+            service.forward_backward,
+            tenant,
+            call.model_id,
+            call.seq_id,
+            call.data,
+            call.loss_fn,
+            call.loss_fn_config,
+            call.forward_only,
+        )
+        return submitted(future, model_id=call.model_id)
+
+    @app.post("/api/v1/forward")
+    async def forward(request: Request, tenant: Tenant) -> dict[str, Any]:
+        body = await request.body()
+        call = decode_forward_backward(body, request.headers.get("content-encoding"))
+        future = await asyncio.to_thread(
+            service.forward_backward,
+            tenant,
+            call.model_id,
+            call.seq_id,
+            call.data,
+            call.loss_fn,
+            call.loss_fn_config,
+            True,
+        )
+        return submitted(future, model_id=call.model_id)
+
+    @app.post("/api/v1/optim_step")
+    async def optim_step(body: wire.OptimStep, tenant: Tenant) -> dict[str, Any]:
+        if body.adam_params is None:
+            raise UserError(
+                "optim_step without adam_params: this server implements Adam only; pass AdamParams"
+            )
+        future = await asyncio.to_thread(
+            service.optim_step, tenant, body.model_id, body.seq_id, body.adam_params
+        )
+        return submitted(future, model_id=body.model_id)
+
+    @app.post("/api/v1/save_weights")
+    async def save_weights(body: wire.SaveWeights, tenant: Tenant) -> dict[str, Any]:
+        future = await asyncio.to_thread(
+            service.save_state,
+            tenant,
+            body.model_id,
+            body.seq_id,
+            body.path,
+            body.ttl_seconds,
+            body.overwrite,
+            body.user_metadata,
+        )
+        return submitted(future, model_id=body.model_id)
+
+    @app.post("/api/v1/save_weights_for_sampler")
+    async def save_for_sampler(body: wire.SaveWeightsForSampler, tenant: Tenant) -> dict[str, Any]:
+        future = await asyncio.to_thread(
+            service.save_for_sampler,
+            tenant,
+            body.model_id,
+            body.seq_id,
+            body.path,
+            body.sampling_session_seq_id,
+            body.ttl_seconds,
+            body.user_metadata,
+        )
+        return submitted(future, model_id=body.model_id)
+
+    @app.post("/api/v1/load_weights")
+    async def load_weights(body: wire.LoadWeights, tenant: Tenant) -> dict[str, Any]:
+        future = await asyncio.to_thread(
+            service.load_state,
+            tenant,
+            body.path,
+            body.optimizer,
+            body.model_id,
+            body.seq_id,
+            body.session_id,
+            body.model_seq_id,
+        )
+        return submitted(future, model_id=body.model_id)
+
+
+def _prompt_tokens(prompt: dict[str, Any]) -> list[int]:
+    tokens: list[int] = []
+    for index, chunk in enumerate(prompt.get("chunks", [])):
+        kind = chunk.get("type", "encoded_text")
+        if kind != "encoded_text":
+            raise MalformedRequest(
+                f"prompt chunk {index} is {kind!r}; this server takes encoded_text chunks only"
+            )
+        values = chunk.get("tokens", [])
+        if not all(isinstance(t, int) and not isinstance(t, bool) for t in values):
+            raise MalformedRequest(f"prompt chunk {index} has non-integer tokens")
+        tokens.extend(values)
+    return tokens
+
+
+def _sample_request(body: wire.Sample) -> SampleRequest:
+    raw = body.sampling_params
+    stop_strings: list[str] = []
+    stop_tokens: list[int] | None = None
+    if isinstance(raw.stop, str):
+        stop_strings = [raw.stop]
+    elif isinstance(raw.stop, list):
+        stop_tokens = [s for s in raw.stop if isinstance(s, int)]
+        stop_strings = [s for s in raw.stop if isinstance(s, str)]
+        if stop_strings and not stop_tokens and raw.stop:
+            stop_tokens = None  # strings only: EOS still ends the sample
+    params = SamplingParams(
+        max_tokens=raw.max_tokens if raw.max_tokens is not None else DEFAULT_MAX_TOKENS,
+        temperature=raw.temperature,
+        top_p=raw.top_p,
+        top_k=raw.top_k,
+        seed=raw.seed,
+        stop_strings=stop_strings,
+        stop_tokens=stop_tokens,
+    )
+    return SampleRequest(
+        prompt=_prompt_tokens(body.prompt),
+        params=params,
+        num_samples=body.num_samples,
+        prompt_logprobs=body.prompt_logprobs,
+    )
+
+
+def add_sampling_routes(app: FastAPI, service: Service, Tenant: Any) -> None:
+    @app.post("/api/v1/create_sampling_session")
+    async def create_sampling_session(
+        body: wire.CreateSamplingSession, tenant: Tenant
+    ) -> dict[str, Any]:
+        sampler = await asyncio.to_thread(
+            service.create_sampler,
+            tenant,
+            body.session_id,
+            body.sampling_session_seq_id,
+            body.model_path,
+            body.base_model,
+        )
+        return {"type": "create_sampling_session", "sampling_session_id": sampler.sampler_id}
+
+    @app.get("/api/v1/samplers/{sampler_id}")
+    async def get_sampler(sampler_id: str, tenant: Tenant) -> dict[str, Any]:
+        sampler = service.sessions.sampler(tenant, sampler_id)
+        return {
+            "sampler_id": sampler.sampler_id,
+            "base_model": sampler.base_id,
+            "model_path": sampler.model_path,
+        }
+
+    @app.post("/api/v1/asample")
+    async def asample(body: wire.Sample, tenant: Tenant) -> dict[str, Any]:
+        if not body.sampling_session_id:
+            raise MalformedRequest("asample needs sampling_session_id; create a sampling client")
+        request = _sample_request(body)
+        future, ids = await asyncio.to_thread(
+            service.sample, tenant, body.sampling_session_id, body.seq_id, request
+        )
+        return submitted(future, sample_sequence_ids=ids)
+
+
+def add_future_routes(app: FastAPI, service: Service, Tenant: Any) -> None:
+    @app.post("/api/v1/retrieve_future", response_model=None)
+    async def retrieve_future(body: wire.RetrieveFuture, tenant: Tenant) -> Response:
+        future = service.futures.get(tenant, body.request_id)
+        if not await future.wait(service.settings.long_poll_s):
+            return JSONResponse(
+                {"type": "try_again", "request_id": future.request_id, "queue_state": "active"}
+            )
+        outcome = future.outcome()
+        if isinstance(outcome, ProtoResult):
+            return Response(outcome.body, media_type=PROTO)
+        if isinstance(outcome, JsonResult):
+            return JSONResponse(outcome.body)
+        if isinstance(outcome, MintError):
+            return JSONResponse({"error": outcome.message, "category": outcome.category})
+        return JSONResponse({"error": f"internal error: {outcome}", "category": "server"})
+
+
+def _iso(moment: datetime | None) -> str | None:
+    if moment is None:
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.isoformat()
+
+
+def checkpoint_json(record: CheckpointRecord) -> dict[str, Any]:
+    path = CheckpointPath(record.policy_id, record.kind, record.name)
+    return {
+        "checkpoint_id": f"{SEGMENT_BY_KIND[record.kind]}/{record.name}",
+        "checkpoint_type": record.kind,
+        "time": _iso(record.created_at),
+        "tinker_path": str(path),
+        "size_bytes": record.size_bytes,
+        "public": False,
+        "user_metadata": record.user_metadata or None,
+        "expires_at": _iso(record.expires_at),
+    }
+
+
+def training_run_json(service: Service, policy: PolicyRecord) -> dict[str, Any]:
+    checkpoints, _ = service.catalog.list_checkpoints(policy.tenant, policy.policy_id, 1000, 0)
+    last = {kind: None for kind in ("training", "sampler")}
+    for record in checkpoints:
+        last[record.kind] = checkpoint_json(record)  # type: ignore[assignment]
+    return {
+        "training_run_id": policy.policy_id,
+        "base_model": policy.base_id,
+        "model_owner": policy.tenant,
+        "is_lora": True,
+        "corrupted": False,
+        "lora_rank": policy.rank,
+        "last_request_time": _iso(policy.last_request_at),
+        "last_checkpoint": last["training"],
+        "last_sampler_checkpoint": last["sampler"],
+        "user_metadata": policy.user_metadata or None,
+    }
+
+
+def add_rest_routes(app: FastAPI, service: Service, Tenant: Any) -> None:
+    @app.get("/api/v1/training_runs")
+    async def training_runs(tenant: Tenant, limit: int = 20, offset: int = 0) -> dict[str, Any]:
+        policies, total = service.catalog.list_policies(tenant, limit, offset)
+        runs = [training_run_json(service, p) for p in policies]
+        return {
+            "training_runs": runs,
+            "cursor": {"offset": offset, "limit": limit, "total_count": total},
+        }
+
+    @app.get("/api/v1/training_runs/{run_id}")
+    async def training_run(run_id: str, tenant: Tenant) -> dict[str, Any]:
+        return training_run_json(service, service.catalog.get_policy(tenant, run_id))
+
+    @app.get("/api/v1/training_runs/{run_id}/checkpoints")
+    async def run_checkpoints(run_id: str, tenant: Tenant) -> dict[str, Any]:
+        service.catalog.get_policy(tenant, run_id)
+        records, total = service.catalog.list_checkpoints(tenant, run_id, 10_000, 0)
+        return {
+            "checkpoints": [checkpoint_json(r) for r in records],
+            "cursor": {"offset": 0, "limit": len(records), "total_count": total},
+        }
+
+    @app.get("/api/v1/checkpoints")
+    async def checkpoints(tenant: Tenant, limit: int = 100, offset: int = 0) -> dict[str, Any]:
+        records, total = service.catalog.list_checkpoints(tenant, None, limit, offset)
+        return {
+            "checkpoints": [checkpoint_json(r) for r in records],
+            "cursor": {"offset": offset, "limit": limit, "total_count": total},
+        }
+
+    @app.delete("/api/v1/training_runs/{run_id}/checkpoints/{segment}/{name}")
+    async def delete_checkpoint(
+        run_id: str, segment: str, name: str, tenant: Tenant
+    ) -> dict[str, Any]:
+        path = CheckpointPath(run_id, _kind_of(segment), name)
+        service.catalog.delete_checkpoint(tenant, path.policy_id, path.kind, path.name)
+        return {}
+
+    @app.put("/api/v1/training_runs/{run_id}/checkpoints/{segment}/{name}/ttl")
+    async def checkpoint_ttl(
+        run_id: str, segment: str, name: str, body: wire.CheckpointTtl, tenant: Tenant
+    ) -> dict[str, Any]:
+        service.catalog.set_checkpoint_ttl(
+            tenant, run_id, _kind_of(segment), name, body.ttl_seconds
+        )
+        return {}
+
+
+def _kind_of(segment: str) -> str:
+    from mint.control.paths import KIND_BY_SEGMENT
+
+    if segment not in KIND_BY_SEGMENT:
+        raise MalformedRequest(
+            f"checkpoint segment {segment!r} is unknown; use weights or sampler_weights"
+        )
+    return KIND_BY_SEGMENT[segment]

@@ -1,0 +1,109 @@
+"""The blob store: revision folders and training-state bytes under one root folder.
+
+Every write is atomic: bytes go to a fresh name under `tmp/`, are fsynced (file and folder),
+then renamed to their final, content-addressed key. A crash leaves at most an orphan under
+`tmp/` or an unreferenced final blob, never a torn one; a garbage collector (not written yet)
+sweeps both. Paths go through fsspec's local filesystem so an object-store backend can take
+its place; known shortcoming: rename and fsync are local-disk operations, so an S3 backend
+will need its own publish step (a PUT is atomic per object, which replaces the rename).
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import logging
+import os
+import uuid
+from pathlib import Path
+
+import fsspec
+
+log = logging.getLogger(__name__)
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def fsync_folder(folder: Path) -> None:
+    """Make a folder's entries (a created or renamed name) durable."""
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def write_durable(fs: fsspec.AbstractFileSystem, path: Path, data: bytes) -> None:
+    """Write `data` to `path` and fsync it (the caller fsyncs the folder)."""
+    with fs.open(str(path), "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+class BlobStore:
+    """Content-addressed blobs under `root`; keys are relative paths like `states/<sha256>`."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root).resolve()
+        self.fs = fsspec.filesystem("file")
+        for sub in ("tmp", "states", "revisions"):
+            self.fs.makedirs(str(self.root / sub), exist_ok=True)
+
+    def path(self, key: str) -> Path:
+        return self.root / key
+
+    def exists(self, key: str) -> bool:
+        return bool(self.fs.exists(str(self.path(key))))
+
+    def read_bytes(self, key: str) -> bytes:
+        with self.fs.open(str(self.path(key)), "rb") as handle:
+            return handle.read()
+
+    def stage_folder(self) -> Path:
+        """A fresh, empty folder under `tmp/` to build a blob folder in."""
+        folder = self.root / "tmp" / uuid.uuid4().hex
+        self.fs.makedirs(str(folder), exist_ok=False)
+        return folder
+
+    def discard(self, staged: Path) -> None:
+        if self.fs.exists(str(staged)):
+            self.fs.rm(str(staged), recursive=True)
+
+    def publish_folder(self, staged: Path, key: str) -> bool:
+        """Rename a complete, fsynced staged folder to `key`.
+
+        Returns False when `key` exists already: it is content-addressed, so it holds the same
+        adapter bytes and the staged copy is dropped (identical bytes are stored once).
+        """
+        final = self.path(key)
+        fsync_folder(staged)
+        try:
+            # os.rename, not fs.mv: moving onto an existing folder must fail, not nest.
+            os.rename(staged, final)
+        except OSError as error:
+            if error.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                raise
+            self.discard(staged)
+            log.debug("blob %s exists already; staged copy dropped", key)
+            return False
+        fsync_folder(final.parent)
+        return True
+
+    def put_bytes(self, prefix: str, data: bytes) -> tuple[str, str]:
+        """Store `data` at `<prefix>/<sha256>` atomically; return (key, sha256)."""
+        digest = sha256_hex(data)
+        key = f"{prefix}/{digest}"
+        if self.exists(key):
+            return key, digest
+        staged = self.root / "tmp" / uuid.uuid4().hex
+        try:
+            write_durable(self.fs, staged, data)
+            os.replace(staged, self.path(key))  # same bytes if another writer won the race
+        finally:
+            if staged.exists():
+                staged.unlink()
+        fsync_folder(self.path(key).parent)
+        return key, digest

@@ -1,0 +1,843 @@
+"""The catalog: durable policy records in SQL plus their bytes in the blob store.
+
+Each public method is one transaction. Records are committed only after the bytes they name
+are complete on disk, so anything a caller can look up is whole. Every lookup is scoped by
+tenant, and another tenant's policy answers exactly like a missing one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Integer, String, cast, func, literal, null, select, union_all
+from sqlalchemy.engine import Row
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.sql.selectable import CompoundSelect
+
+from mint.catalog import rules
+from mint.catalog.blobs import BlobStore, fsync_folder, sha256_hex, write_durable
+from mint.catalog.engine import WRITE_OPTION, make_engine
+from mint.catalog.peft_io import (
+    CONFIG_FILE,
+    MANIFEST_FILE,
+    WEIGHTS_FILE,
+    RevisionManifest,
+    adapter_digest,
+    folder_digest,
+    read_peft_tensors,
+    write_peft_folder,
+)
+from mint.catalog.records import CHECKPOINT_KINDS, CheckpointRecord, PolicyRecord, RevisionRecord
+from mint.catalog.schema import (
+    AliasRow,
+    ApiKeyRow,
+    Base,
+    BaseRow,
+    PolicyRow,
+    RevisionRow,
+    TenantRow,
+    TrainingStateRow,
+    utc_now,
+)
+from mint.errors import (
+    AliasInUse,
+    Conflict,
+    MintError,
+    NotFound,
+    UnknownBase,
+    UserError,
+)
+from mint.models.lora import AdapterTensors, LoraSignature
+
+log = logging.getLogger(__name__)
+
+LATEST = "latest"
+#: Revision numbers are max+1 under a unique constraint; a concurrent writer that took the
+#: same number makes the insert fail, and the export retries with a fresh number.
+EXPORT_ATTEMPTS = 5
+
+
+class Catalog:
+    """Tenants, API keys, bases, policies, training states, revisions and aliases."""
+
+    def __init__(self, url: str, blobs_dir: Path) -> None:
+        self.engine = make_engine(url)
+        # Known shortcoming: tables come from create_all; Alembic migrations replace this
+        # once the schema has shipped.
+        Base.metadata.create_all(self.engine)
+        self._reads = sessionmaker(bind=self.engine, expire_on_commit=False)
+        self._writes = sessionmaker(
+            bind=self.engine.execution_options(**{WRITE_OPTION: True}), expire_on_commit=False
+        )
+        self.blobs = BlobStore(blobs_dir)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    @contextmanager
+    def _reading(self) -> Iterator[Session]:
+        with self._reads.begin() as session:
+            yield session
+
+    @contextmanager
+    def _writing(self) -> Iterator[Session]:
+        with self._writes.begin() as session:
+            yield session
+
+    # -- tenants and API keys ------------------------------------------------------------
+
+    def ensure_tenant(self, name: str) -> None:
+        rules.check_identifier(name, "tenant name")
+        try:
+            with self._writing() as session:
+                if _find_tenant(session, name) is None:
+                    session.add(TenantRow(name=name, created_at=utc_now()))
+                    log.info("tenant %s created", name)
+        except IntegrityError:
+            pass  # a concurrent ensure_tenant created it: the outcome asked for
+
+    def add_api_key(self, tenant: str, key: str) -> None:
+        rules.check_api_key(key)
+        digest = _key_digest(key)
+        with self._writing() as session:
+            owner = _tenant_row(session, tenant)
+            existing = session.get(ApiKeyRow, digest)
+            if existing is None:
+                session.add(ApiKeyRow(key_sha256=digest, tenant_id=owner.id, created_at=utc_now()))
+                log.info("API key %s added for tenant %s", rules.key_hint(key), tenant)
+                return
+            if existing.tenant_id != owner.id or existing.revoked_at is not None:
+                raise Conflict(
+                    f"API key {rules.key_hint(key)} is already issued or was revoked; "
+                    "issue a freshly generated key instead"
+                )
+
+    def revoke_api_key(self, key: str) -> None:
+        with self._writing() as session:
+            row = session.get(ApiKeyRow, _key_digest(key))
+            if row is None:
+                raise NotFound(
+                    f"API key {rules.key_hint(key)} is not known; check the key you meant to revoke"
+                )
+            if row.revoked_at is None:
+                row.revoked_at = utc_now()
+                log.info("API key %s revoked", rules.key_hint(key))
+
+    def tenant_for_key(self, key: str) -> str | None:
+        """The tenant owning active key `key`, or None for an unknown or revoked key."""
+        with self._reading() as session:
+            return session.scalar(
+                select(TenantRow.name)
+                .join(ApiKeyRow, ApiKeyRow.tenant_id == TenantRow.id)
+                .where(ApiKeyRow.key_sha256 == _key_digest(key), ApiKeyRow.revoked_at.is_(None))
+            )
+
+    # -- bases ---------------------------------------------------------------------------
+
+    def record_base(self, base_id: str, fingerprint: str) -> None:
+        """Remember that base `base_id` was loaded with `fingerprint` (idempotent)."""
+        if not base_id or not fingerprint:
+            raise UserError(f"base {base_id!r} needs a non-empty id and fingerprint")
+        try:
+            with self._writing() as session:
+                if session.get(BaseRow, (base_id, fingerprint)) is None:
+                    session.add(
+                        BaseRow(base_id=base_id, fingerprint=fingerprint, recorded_at=utc_now())
+                    )
+                    log.info("base %s recorded with fingerprint %s", base_id, fingerprint[:12])
+        except IntegrityError:
+            pass  # recorded concurrently
+
+    # -- policies ------------------------------------------------------------------------
+
+    def create_policy(
+        self,
+        tenant: str,
+        policy_id: str,
+        base_id: str,
+        base_fingerprint: str,
+        signature: LoraSignature,
+        user_metadata: dict[str, str] | None = None,
+    ) -> PolicyRecord:
+        rules.check_identifier(policy_id, "policy id")
+        metadata = rules.check_metadata(user_metadata)
+        try:
+            with self._writing() as session:
+                owner = _tenant_row(session, tenant)
+                _require_base(session, base_id, base_fingerprint)
+                if _find_policy(session, tenant, policy_id) is not None:
+                    raise _policy_exists(policy_id)
+                now = utc_now()
+                row = PolicyRow(
+                    tenant_id=owner.id,
+                    policy_id=policy_id,
+                    base_id=base_id,
+                    base_fingerprint=base_fingerprint,
+                    rank=signature.rank,
+                    alpha=float(signature.alpha),
+                    target_modules=sorted(signature.target_modules),
+                    user_metadata=metadata,
+                    created_at=now,
+                    last_request_at=now,
+                )
+                session.add(row)
+                session.flush()
+                record = _policy_record(row, tenant)
+        except IntegrityError:
+            raise _policy_exists(policy_id) from None
+        log.info(
+            "policy %s created for tenant %s on %s (rank %d)",
+            policy_id, tenant, base_id, signature.rank,
+        )  # fmt: skip
+        return record
+
+    def get_policy(self, tenant: str, policy_id: str) -> PolicyRecord:
+        with self._reading() as session:
+            return _policy_record(_policy_row(session, tenant, policy_id), tenant)
+
+    def list_policies(
+        self, tenant: str, limit: int = 20, offset: int = 0
+    ) -> tuple[list[PolicyRecord], int]:
+        """One page of the tenant's policies, oldest first, and the total count."""
+        rules.check_page(limit, offset)
+        owned = select(PolicyRow).join(TenantRow).where(TenantRow.name == tenant)
+        with self._reading() as session:
+            total = session.scalar(select(func.count()).select_from(owned.subquery())) or 0
+            rows = session.scalars(
+                owned.order_by(PolicyRow.created_at, PolicyRow.id).limit(limit).offset(offset)
+            )
+            return [_policy_record(row, tenant) for row in rows], total
+
+    def touch_policy(self, tenant: str, policy_id: str) -> None:
+        with self._writing() as session:
+            _policy_row(session, tenant, policy_id).last_request_at = utc_now()
+
+    # -- training states -----------------------------------------------------------------
+
+    def save_training_state(
+        self,
+        tenant: str,
+        policy_id: str,
+        name: str,
+        payload: bytes,
+        step: int,
+        ttl_seconds: int | None = None,
+        user_metadata: dict[str, str] | None = None,
+        overwrite: bool = False,
+    ) -> CheckpointRecord:
+        """Store `payload` under `states/<sha256>`, then commit the record naming it."""
+        rules.check_checkpoint_name(name, "training")
+        rules.check_step(step)
+        rules.check_ttl(ttl_seconds)
+        metadata = rules.check_metadata(user_metadata)
+        self.get_policy(tenant, policy_id)  # refuse before writing bytes for nobody
+        key, digest = self.blobs.put_bytes("states", bytes(payload))
+        try:
+            with self._writing() as session:
+                policy = _policy_row(session, tenant, policy_id)
+                row = _find_state(session, policy.id, name)
+                if row is not None and not overwrite:
+                    raise _checkpoint_exists("training", name, policy_id)
+                if row is None:
+                    row = TrainingStateRow(policy_pk=policy.id, name=name)
+                    session.add(row)
+                now = utc_now()
+                row.sha256, row.size_bytes, row.blob_key = digest, len(payload), key
+                row.step, row.created_at, row.user_metadata = step, now, metadata
+                row.expires_at = _expiry(now, ttl_seconds)
+                session.flush()
+                record = _state_checkpoint(row, tenant, policy_id)
+        except IntegrityError:
+            raise _checkpoint_exists("training", name, policy_id) from None
+        log.info("training state %s of policy %s saved (step %d)", name, policy_id, step)
+        return record
+
+    def read_training_state(self, tenant: str, policy_id: str, name: str) -> bytes:
+        with self._reading() as session:
+            policy = _policy_row(session, tenant, policy_id)
+            row = _find_state(session, policy.id, name)
+            if row is None:
+                raise _checkpoint_missing("training", name, policy_id)
+            key, digest = row.blob_key, row.sha256
+        payload = self.blobs.read_bytes(key)
+        if sha256_hex(payload) != digest:
+            raise MintError(
+                f"training state {name!r} of policy {policy_id!r}: blob {key} does not match "
+                f"its recorded sha256 {digest}; the blob store is damaged, restore it"
+            )
+        return payload
+
+    # -- revisions -----------------------------------------------------------------------
+
+    def export_revision(
+        self,
+        tenant: str,
+        policy_id: str,
+        name: str | None,
+        tensors: AdapterTensors,
+        step: int,
+        ttl_seconds: int | None = None,
+        user_metadata: dict[str, str] | None = None,
+    ) -> RevisionRecord:
+        """Export `tensors` as the policy's next revision and move alias `latest` to it.
+
+        1. Write the PEFT files into a staging folder in the blob store, each fsynced.
+        2. Hash them (sha256 over adapter_model.safetensors, then adapter_config.json).
+        3. In one transaction: allocate number = max+1, take `latest` as the parent, write
+           mint_revision.json, rename the folder to `revisions/<sha256>`, insert the
+           revision and move `latest`; commit. Only now is the revision addressable.
+        """
+        if name is not None:
+            rules.check_checkpoint_name(name, "sampler")
+        rules.check_step(step)
+        rules.check_ttl(ttl_seconds)
+        metadata = rules.check_metadata(user_metadata)
+        policy = self.get_policy(tenant, policy_id)
+        signature = LoraSignature(policy.rank, policy.alpha, policy.target_modules)
+        staged = self.blobs.stage_folder()
+        try:
+            write_peft_folder(staged, tensors, signature, policy.base_id)
+            digest, size = folder_digest(staged)
+            for attempt in range(1, EXPORT_ATTEMPTS + 1):
+                try:
+                    record = self._commit_revision(
+                        tenant, policy_id, name, staged, digest, size, step, ttl_seconds, metadata
+                    )
+                    break
+                except IntegrityError:
+                    if attempt == EXPORT_ATTEMPTS:
+                        raise
+                    log.debug("policy=%s revision number taken; retry %d", policy_id, attempt)
+        finally:
+            self.blobs.discard(staged)
+        log.info(
+            "revision %d (%s) of policy %s exported: sha256 %s, %d bytes, parent %s",
+            record.number, record.name, policy_id, digest[:12], size, record.parent_number,
+        )  # fmt: skip
+        return record
+
+    def _commit_revision(
+        self,
+        tenant: str,
+        policy_id: str,
+        name: str | None,
+        staged: Path,
+        digest: str,
+        size: int,
+        step: int,
+        ttl_seconds: int | None,
+        metadata: dict[str, str],
+    ) -> RevisionRecord:
+        with self._writing() as session:
+            policy = _policy_row(session, tenant, policy_id, lock=True)
+            if name is not None and _find_revision_by_name(session, policy.id, name):
+                raise _checkpoint_exists("sampler", name, policy_id)
+            highest = session.scalar(
+                select(func.max(RevisionRow.number)).where(RevisionRow.policy_pk == policy.id)
+            )
+            number = (highest or 0) + 1
+            latest = session.get(AliasRow, (policy.id, LATEST))
+            now = utc_now()
+            row = RevisionRow(
+                policy_pk=policy.id,
+                number=number,
+                name=name if name is not None else f"rev-{number}",
+                sha256=digest,
+                size_bytes=size,
+                blob_key=f"revisions/{digest}",
+                base_id=policy.base_id,
+                base_fingerprint=policy.base_fingerprint,
+                rank=policy.rank,
+                alpha=policy.alpha,
+                target_modules=list(policy.target_modules),
+                parent_number=latest.number if latest is not None else None,
+                step=step,
+                created_at=now,
+                expires_at=_expiry(now, ttl_seconds),
+                user_metadata=metadata,
+            )
+            self._publish(staged, row, policy_id)
+            session.add(row)
+            session.flush()
+            _point_alias(session, policy.id, LATEST, number, now)
+            return _revision_record(row, tenant, policy_id, self.blobs)
+
+    def _publish(self, staged: Path, row: RevisionRow, policy_id: str) -> None:
+        """Complete the staged folder with its manifest and rename it to its final key.
+
+        Known shortcoming: the folder is shared by every revision with the same bytes, and
+        its mint_revision.json describes the export that wrote it first; the catalog record,
+        not the manifest, is authoritative for lineage.
+        """
+        if not staged.exists():
+            if not self.blobs.exists(row.blob_key):
+                raise MintError(f"revision blob {row.blob_key} vanished while exporting")
+            return  # published by an earlier attempt of this export
+        manifest = RevisionManifest(
+            base_id=row.base_id,
+            base_fingerprint=row.base_fingerprint,
+            policy_id=policy_id,
+            number=row.number,
+            parent_number=row.parent_number,
+            step=row.step,
+            created_at=row.created_at,
+            sha256=row.sha256,
+            size_bytes=row.size_bytes,
+        )
+        write_durable(self.blobs.fs, staged / MANIFEST_FILE, manifest.to_bytes())
+        fsync_folder(staged)
+        self.blobs.publish_folder(staged, row.blob_key)
+
+    def read_revision_tensors(self, revision: RevisionRecord) -> AdapterTensors:
+        """The revision's tensors in host memory, after checking its bytes against its sha256."""
+        folder = Path(revision.blob_path)
+        weights, config = _read_adapter_files(folder)
+        if adapter_digest(weights, config) != revision.sha256:
+            raise MintError(
+                f"revision {revision.number} of policy {revision.policy_id!r}: files in "
+                f"{folder} do not match sha256 {revision.sha256}; the blob store is damaged"
+            )
+        tensors, _ = read_peft_tensors(folder)
+        return tensors
+
+    def get_revision(self, tenant: str, policy_id: str, number: int) -> RevisionRecord:
+        with self._reading() as session:
+            policy = _policy_row(session, tenant, policy_id)
+            row = _revision_row(session, policy, number)
+            return _revision_record(row, tenant, policy_id, self.blobs)
+
+    def resolve(self, tenant: str, policy_id: str, ref: str | None = None) -> RevisionRecord:
+        """The revision `ref` names on a policy.
+
+        None means alias `latest`; then `ref` is tried as an alias name, as a revision number
+        ("3" or "@3") and as a sampler checkpoint name ("000010", a zero-padded step, is a
+        name). Names cannot be plain numbers and aliases start with a letter, so only an
+        alias can shadow a checkpoint name.
+        """
+        ref = LATEST if ref is None else ref
+        with self._reading() as session:
+            policy = _policy_row(session, tenant, policy_id)
+            row = _resolve_row(session, policy, ref)
+            return _revision_record(row, tenant, policy_id, self.blobs)
+
+    def list_revisions(
+        self, tenant: str, policy_id: str, limit: int = 100, offset: int = 0
+    ) -> tuple[list[RevisionRecord], int]:
+        rules.check_page(limit, offset)
+        with self._reading() as session:
+            policy = _policy_row(session, tenant, policy_id)
+            live = select(RevisionRow).where(
+                RevisionRow.policy_pk == policy.id, RevisionRow.deleted_at.is_(None)
+            )
+            total = session.scalar(select(func.count()).select_from(live.subquery())) or 0
+            rows = session.scalars(live.order_by(RevisionRow.number).limit(limit).offset(offset))
+            return [_revision_record(row, tenant, policy_id, self.blobs) for row in rows], total
+
+    # -- aliases -------------------------------------------------------------------------
+
+    def set_alias(self, tenant: str, policy_id: str, alias: str, number: int) -> None:
+        rules.check_alias_name(alias)
+        with self._writing() as session:
+            policy = _policy_row(session, tenant, policy_id)
+            _revision_row(session, policy, number)
+            previous = _point_alias(session, policy.id, alias, number, utc_now())
+        log.info("alias %s of policy %s: %s -> %d", alias, policy_id, previous, number)
+
+    def delete_alias(self, tenant: str, policy_id: str, alias: str) -> None:
+        if alias == LATEST:
+            raise UserError(
+                f"alias {LATEST!r} is kept by export and cannot be deleted; "
+                "move it with rollback instead"
+            )
+        with self._writing() as session:
+            policy = _policy_row(session, tenant, policy_id)
+            row = session.get(AliasRow, (policy.id, alias))
+            if row is None:
+                raise NotFound(
+                    f"alias {alias!r} not found on policy {policy_id!r}; existing aliases: "
+                    f"{sorted(_alias_map(session, policy.id))}"
+                )
+            session.delete(row)
+        log.info("alias %s of policy %s deleted", alias, policy_id)
+
+    def aliases(self, tenant: str, policy_id: str) -> dict[str, int]:
+        with self._reading() as session:
+            return _alias_map(session, _policy_row(session, tenant, policy_id).id)
+
+    def rollback(self, tenant: str, policy_id: str, to_number: int, alias: str = LATEST) -> None:
+        """Move `alias` back to revision `to_number`; revisions themselves never change."""
+        rules.check_alias_name(alias)
+        with self._writing() as session:
+            policy = _policy_row(session, tenant, policy_id)
+            _revision_row(session, policy, to_number)
+            previous = _point_alias(session, policy.id, alias, to_number, utc_now())
+        log.info("policy %s rolled back: alias %s %s -> %d", policy_id, alias, previous, to_number)
+
+    # -- the Tinker checkpoint view ------------------------------------------------------
+
+    def list_checkpoints(
+        self, tenant: str, policy_id: str | None = None, limit: int = 100, offset: int = 0
+    ) -> tuple[list[CheckpointRecord], int]:
+        """Training states and revisions together, oldest first (newest last)."""
+        rules.check_page(limit, offset)
+        with self._reading() as session:
+            if policy_id is not None:
+                _policy_row(session, tenant, policy_id)
+            combined = _checkpoint_union(tenant, policy_id).subquery()
+            total = session.scalar(select(func.count()).select_from(combined)) or 0
+            rows = session.execute(
+                select(combined)
+                .order_by(combined.c.created_at, combined.c.kind, combined.c.row_id)
+                .limit(limit)
+                .offset(offset)
+            )
+            return [_union_checkpoint(row, tenant) for row in rows], total
+
+    def delete_checkpoint(self, tenant: str, policy_id: str, kind: str, name: str) -> None:
+        """Forget a checkpoint's record; its bytes stay until the garbage collector runs,
+        since identical bytes may back other records."""
+        _check_kind(kind)
+        with self._writing() as session:
+            policy = _policy_row(session, tenant, policy_id)
+            if kind == "training":
+                state = _find_state(session, policy.id, name)
+                if state is None:
+                    raise _checkpoint_missing(kind, name, policy_id)
+                session.delete(state)
+            else:
+                _tombstone_revision(session, policy, name)
+        log.info("%s checkpoint %s of policy %s deleted", kind, name, policy_id)
+
+    def set_checkpoint_ttl(
+        self, tenant: str, policy_id: str, kind: str, name: str, ttl_seconds: int | None
+    ) -> None:
+        """Expire the checkpoint `ttl_seconds` from now (as Tinker's set-ttl), None = never."""
+        _check_kind(kind)
+        rules.check_ttl(ttl_seconds)
+        with self._writing() as session:
+            policy = _policy_row(session, tenant, policy_id)
+            if kind == "training":
+                row: TrainingStateRow | RevisionRow | None = _find_state(session, policy.id, name)
+            else:
+                row = _find_revision_by_name(session, policy.id, name)
+            if row is None:
+                raise _checkpoint_missing(kind, name, policy_id)
+            row.expires_at = _expiry(utc_now(), ttl_seconds)
+
+
+# -- lookups (inside a session) ----------------------------------------------------------
+
+
+def _key_digest(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def _find_tenant(session: Session, name: str) -> TenantRow | None:
+    return session.scalar(select(TenantRow).where(TenantRow.name == name))
+
+
+def _tenant_row(session: Session, name: str) -> TenantRow:
+    row = _find_tenant(session, name)
+    if row is None:
+        raise NotFound(f"tenant {name!r} is not known; create it with ensure_tenant first")
+    return row
+
+
+def _require_base(session: Session, base_id: str, fingerprint: str) -> None:
+    if session.get(BaseRow, (base_id, fingerprint)) is not None:
+        return
+    known = session.scalars(select(BaseRow.fingerprint).where(BaseRow.base_id == base_id))
+    seen = [value[:12] for value in known]
+    raise UnknownBase(
+        f"base {base_id!r} with fingerprint {fingerprint[:12]}... is not recorded "
+        f"(recorded fingerprints for it: {seen}); load the base, which records it, "
+        "or call record_base"
+    )
+
+
+def _find_policy(
+    session: Session, tenant: str, policy_id: str, lock: bool = False
+) -> PolicyRow | None:
+    query = (
+        select(PolicyRow)
+        .join(TenantRow, PolicyRow.tenant_id == TenantRow.id)
+        .where(TenantRow.name == tenant, PolicyRow.policy_id == policy_id)
+    )
+    if lock:
+        # Serialises exports of one policy on PostgreSQL; SQLite already holds the write lock.
+        query = query.with_for_update(of=PolicyRow)
+    return session.scalar(query)
+
+
+def _policy_row(session: Session, tenant: str, policy_id: str, lock: bool = False) -> PolicyRow:
+    row = _find_policy(session, tenant, policy_id, lock)
+    if row is None:
+        # The same answer whether the policy is missing or another tenant's.
+        raise NotFound(f"policy {policy_id!r} not found; list your policies with list_policies")
+    return row
+
+
+def _find_state(session: Session, policy_pk: int, name: str) -> TrainingStateRow | None:
+    return session.scalar(
+        select(TrainingStateRow).where(
+            TrainingStateRow.policy_pk == policy_pk, TrainingStateRow.name == name
+        )
+    )
+
+
+def _find_revision_by_name(session: Session, policy_pk: int, name: str) -> RevisionRow | None:
+    return session.scalar(
+        select(RevisionRow).where(
+            RevisionRow.policy_pk == policy_pk,
+            RevisionRow.name == name,
+            RevisionRow.deleted_at.is_(None),
+        )
+    )
+
+
+def _find_revision(session: Session, policy_pk: int, number: int) -> RevisionRow | None:
+    return session.scalar(
+        select(RevisionRow).where(
+            RevisionRow.policy_pk == policy_pk,
+            RevisionRow.number == number,
+            RevisionRow.deleted_at.is_(None),
+        )
+    )
+
+
+def _revision_row(session: Session, policy: PolicyRow, number: int) -> RevisionRow:
+    row = _find_revision(session, policy.id, number)
+    if row is None:
+        raise NotFound(
+            f"revision {number} of policy {policy.policy_id!r} not found; "
+            f"{_number_range(session, policy.id)}; list them with list_revisions"
+        )
+    return row
+
+
+def _number_range(session: Session, policy_pk: int) -> str:
+    low, high, count = session.execute(
+        select(func.min(RevisionRow.number), func.max(RevisionRow.number), func.count()).where(
+            RevisionRow.policy_pk == policy_pk, RevisionRow.deleted_at.is_(None)
+        )
+    ).one()
+    if not count:
+        return "the policy has no revisions yet"
+    return f"existing revisions are numbered {low}..{high} ({count} revision(s))"
+
+
+def _alias_map(session: Session, policy_pk: int) -> dict[str, int]:
+    rows = session.execute(
+        select(AliasRow.name, AliasRow.number)
+        .where(AliasRow.policy_pk == policy_pk)
+        .order_by(AliasRow.name)
+    )
+    return {name: number for name, number in rows}
+
+
+def _resolve_row(session: Session, policy: PolicyRow, ref: str) -> RevisionRow:
+    alias = session.get(AliasRow, (policy.id, ref))
+    if alias is not None:
+        return _revision_row(session, policy, alias.number)
+    if ref.startswith("@"):
+        if not ref[1:].isdigit():
+            raise UserError(f"revision reference {ref!r} is not '@' and a number; use e.g. '@3'")
+        return _revision_row(session, policy, int(ref[1:]))
+    if ref.isdigit() and str(int(ref)) == ref:  # "000010" is a zero-padded step name
+        return _revision_row(session, policy, int(ref))
+    named = _find_revision_by_name(session, policy.id, ref)
+    if named is not None:
+        return named
+    raise NotFound(
+        f"revision {ref!r} not found on policy {policy.policy_id!r}: it is no alias "
+        f"(aliases: {sorted(_alias_map(session, policy.id))}), no revision number and no "
+        f"checkpoint name ({_number_range(session, policy.id)}); list them with list_revisions"
+    )
+
+
+def _point_alias(
+    session: Session, policy_pk: int, alias: str, number: int, now: datetime
+) -> int | None:
+    """Point `alias` at `number`; return the number it pointed at before (None if new)."""
+    row = session.get(AliasRow, (policy_pk, alias))
+    if row is None:
+        session.add(AliasRow(policy_pk=policy_pk, name=alias, number=number, updated_at=now))
+        return None
+    previous = row.number
+    row.number, row.updated_at = number, now
+    return previous
+
+
+def _tombstone_revision(session: Session, policy: PolicyRow, name: str) -> None:
+    row = _find_revision_by_name(session, policy.id, name)
+    if row is None:
+        raise _checkpoint_missing("sampler", name, policy.policy_id)
+    holders = [alias for alias, number in _alias_map(session, policy.id).items()
+               if number == row.number]  # fmt: skip
+    if holders:
+        raise AliasInUse(
+            f"revision {row.number} ({name!r}) of policy {policy.policy_id!r} is what alias(es) "
+            f"{', '.join(repr(alias) for alias in holders)} point at; move them with rollback "
+            "or set_alias (or delete_alias) before deleting it"
+        )
+    # The row stays so its number is never reused; the name is freed for a new export.
+    row.name, row.deleted_at, row.expires_at = None, utc_now(), None
+
+
+def _checkpoint_union(tenant: str, policy_id: str | None) -> CompoundSelect[Any]:
+    """One SELECT over training states and live revisions with the checkpoint columns."""
+    states = (
+        select(
+            literal("training", String).label("kind"),
+            PolicyRow.policy_id.label("policy_id"),
+            TrainingStateRow.name.label("name"),
+            TrainingStateRow.size_bytes.label("size_bytes"),
+            TrainingStateRow.sha256.label("sha256"),
+            TrainingStateRow.created_at.label("created_at"),
+            TrainingStateRow.expires_at.label("expires_at"),
+            TrainingStateRow.user_metadata.label("user_metadata"),
+            cast(null(), Integer).label("revision_number"),
+            TrainingStateRow.step.label("step"),
+            TrainingStateRow.id.label("row_id"),
+        )
+        .join(PolicyRow, TrainingStateRow.policy_pk == PolicyRow.id)
+        .join(TenantRow, PolicyRow.tenant_id == TenantRow.id)
+        .where(TenantRow.name == tenant)
+    )
+    revisions = (
+        select(
+            literal("sampler", String),
+            PolicyRow.policy_id,
+            RevisionRow.name,
+            RevisionRow.size_bytes,
+            RevisionRow.sha256,
+            RevisionRow.created_at,
+            RevisionRow.expires_at,
+            RevisionRow.user_metadata,
+            RevisionRow.number,
+            RevisionRow.step,
+            RevisionRow.id,
+        )
+        .join(PolicyRow, RevisionRow.policy_pk == PolicyRow.id)
+        .join(TenantRow, PolicyRow.tenant_id == TenantRow.id)
+        .where(TenantRow.name == tenant, RevisionRow.deleted_at.is_(None))
+    )
+    if policy_id is not None:
+        states = states.where(PolicyRow.policy_id == policy_id)
+        revisions = revisions.where(PolicyRow.policy_id == policy_id)
+    return union_all(states, revisions)
+
+
+def _read_adapter_files(folder: Path) -> tuple[bytes, bytes]:
+    try:
+        return (folder / WEIGHTS_FILE).read_bytes(), (folder / CONFIG_FILE).read_bytes()
+    except FileNotFoundError as error:
+        raise MintError(f"revision files missing in {folder}: {error.filename}") from None
+
+
+# -- records and errors ------------------------------------------------------------------
+
+
+def _expiry(start: datetime, ttl_seconds: int | None) -> datetime | None:
+    return None if ttl_seconds is None else start + timedelta(seconds=ttl_seconds)
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in CHECKPOINT_KINDS:
+        raise UserError(f"checkpoint kind {kind!r} is unknown; use one of {list(CHECKPOINT_KINDS)}")
+
+
+def _policy_exists(policy_id: str) -> Conflict:
+    return Conflict(f"policy {policy_id!r} exists already; choose another policy id")
+
+
+def _checkpoint_exists(kind: str, name: str, policy_id: str) -> Conflict:
+    fix = "pass overwrite=True to replace it" if kind == "training" else "choose another name"
+    return Conflict(
+        f"{kind} checkpoint {name!r} exists already on policy {policy_id!r}; names are "
+        f"unique per policy and kind, so {fix}"
+    )
+
+
+def _checkpoint_missing(kind: str, name: str, policy_id: str) -> NotFound:
+    return NotFound(
+        f"{kind} checkpoint {name!r} not found on policy {policy_id!r}; list existing "
+        "checkpoints with list_checkpoints"
+    )
+
+
+def _policy_record(row: PolicyRow, tenant: str) -> PolicyRecord:
+    return PolicyRecord(
+        tenant=tenant,
+        policy_id=row.policy_id,
+        base_id=row.base_id,
+        base_fingerprint=row.base_fingerprint,
+        rank=row.rank,
+        alpha=row.alpha,
+        target_modules=tuple(row.target_modules),
+        user_metadata=dict(row.user_metadata),
+        created_at=row.created_at,
+        last_request_at=row.last_request_at,
+    )
+
+
+def _revision_record(
+    row: RevisionRow, tenant: str, policy_id: str, blobs: BlobStore
+) -> RevisionRecord:
+    assert row.name is not None, "tombstoned revisions are never turned into records"
+    return RevisionRecord(
+        tenant=tenant,
+        policy_id=policy_id,
+        number=row.number,
+        name=row.name,
+        sha256=row.sha256,
+        size_bytes=row.size_bytes,
+        base_id=row.base_id,
+        base_fingerprint=row.base_fingerprint,
+        rank=row.rank,
+        alpha=row.alpha,
+        target_modules=tuple(row.target_modules),
+        parent_number=row.parent_number,
+        step=row.step,
+        created_at=row.created_at,
+        blob_path=str(blobs.path(row.blob_key)),
+    )
+
+
+def _state_checkpoint(row: TrainingStateRow, tenant: str, policy_id: str) -> CheckpointRecord:
+    return CheckpointRecord(
+        tenant=tenant,
+        policy_id=policy_id,
+        kind="training",
+        name=row.name,
+        size_bytes=row.size_bytes,
+        sha256=row.sha256,
+        created_at=row.created_at,
+        expires_at=row.expires_at,
+        user_metadata=dict(row.user_metadata),
+        revision_number=None,
+        step=row.step,
+    )
+
+
+def _union_checkpoint(row: Row[Any], tenant: str) -> CheckpointRecord:
+    return CheckpointRecord(
+        tenant=tenant,
+        policy_id=row.policy_id,
+        kind=row.kind,
+        name=row.name,
+        size_bytes=row.size_bytes,
+        sha256=row.sha256,
+        created_at=row.created_at,
+        expires_at=row.expires_at,
+        user_metadata=dict(row.user_metadata),
+        revision_number=row.revision_number,
+        step=row.step,
+    )

@@ -1,0 +1,181 @@
+"""The `mint` command line: serve, provision bases, manage tenants and the catalog, run recipes."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from mint.config import Settings
+from mint.errors import MintError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+models_app = typer.Typer(no_args_is_help=True, help="Base models.")
+tenant_app = typer.Typer(no_args_is_help=True, help="Tenants and their API keys.")
+policy_app = typer.Typer(no_args_is_help=True, help="Policies in the catalog.")
+revision_app = typer.Typer(no_args_is_help=True, help="Revisions of a policy.")
+app.add_typer(models_app, name="models")
+app.add_typer(tenant_app, name="tenant")
+app.add_typer(policy_app, name="policy")
+app.add_typer(revision_app, name="revision")
+console = Console()
+
+TenantOption = Annotated[str, typer.Option(help="Tenant that owns the policy.")]
+
+
+def _setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def _catalog():  # type: ignore[no-untyped-def]
+    from mint.catalog.store import Catalog
+
+    settings = Settings()
+    settings.home.mkdir(parents=True, exist_ok=True)
+    return Catalog(settings.catalog_url, settings.blobs_dir)
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    preload: Annotated[list[str] | None, typer.Option(help="Base to load at start.")] = None,
+    verbose: bool = False,
+) -> None:
+    """Run the mint server (Tinker API under /api/v1) on the embedded default."""
+    from mint.api.server import serve as run_server
+
+    _setup_logging(verbose)
+    run_server(Settings(preload_bases=list(preload or [])), host, port)
+
+
+@models_app.command("pull")
+def models_pull(name: str) -> None:
+    """Provision a base offline (e.g. smollm2-135m-instruct) and print its fingerprint."""
+    from mint.models.provision import ensure_base, read_base_record
+
+    _setup_logging()
+    folder = ensure_base(name, Settings().bases_dir)
+    record = read_base_record(folder)
+    console.print(f"{record['public_id']} at {folder}\nfingerprint {record['fingerprint']}")
+
+
+@models_app.command("list")
+def models_list() -> None:
+    """Known bases and whether they are provisioned here."""
+    from mint.models.provision import BASE_RECORD, base_dir
+    from mint.models.registry import KNOWN_BASES
+
+    table = Table("public id", "short name", "source", "provisioned")
+    bases_dir = Settings().bases_dir
+    for spec in KNOWN_BASES:
+        ready = (base_dir(bases_dir, spec) / BASE_RECORD).exists()
+        table.add_row(spec.public_id, spec.short_name, spec.source, "yes" if ready else "no")
+    console.print(table)
+
+
+@tenant_app.command("add")
+def tenant_add(
+    name: str, key: Annotated[str, typer.Option(help="API key, starting with tml-.")]
+) -> None:
+    """Create tenant NAME (if new) and give it API key KEY (stored hashed)."""
+    catalog = _catalog()
+    catalog.ensure_tenant(name)
+    catalog.add_api_key(name, key)
+    console.print(f"tenant {name}: key added")
+
+
+@tenant_app.command("revoke")
+def tenant_revoke(key: str) -> None:
+    """Revoke an API key."""
+    _catalog().revoke_api_key(key)
+    console.print("key revoked")
+
+
+@policy_app.command("list")
+def policy_list(tenant: TenantOption = "default") -> None:
+    """Policies of a tenant with their latest revision."""
+    catalog = _catalog()
+    policies, total = catalog.list_policies(tenant, limit=1000, offset=0)
+    table = Table("policy", "base", "rank", "aliases", title=f"{total} policies of {tenant}")
+    for policy in policies:
+        aliases = catalog.aliases(tenant, policy.policy_id)
+        shown = ", ".join(f"{a}->{n}" for a, n in sorted(aliases.items()))
+        table.add_row(policy.policy_id, policy.base_id, str(policy.rank), shown)
+    console.print(table)
+
+
+@policy_app.command("show")
+def policy_show(policy: str, tenant: TenantOption = "default") -> None:
+    """A policy's record, revisions and aliases."""
+    catalog = _catalog()
+    record = catalog.get_policy(tenant, policy)
+    console.print(
+        f"policy {record.policy_id} on {record.base_id} ({record.base_fingerprint[:12]}), "
+        f"rank {record.rank}, alpha {record.alpha:g}, targets {','.join(record.target_modules)}"
+    )
+    _print_revisions(catalog, tenant, policy)
+
+
+def _print_revisions(catalog, tenant: str, policy: str) -> None:  # type: ignore[no-untyped-def]
+    revisions, _ = catalog.list_revisions(tenant, policy, limit=1000, offset=0)
+    by_number: dict[int, list[str]] = {}
+    for alias, number in catalog.aliases(tenant, policy).items():
+        by_number.setdefault(number, []).append(alias)
+    table = Table("revision", "name", "step", "parent", "sha256", "aliases")
+    for rev in revisions:
+        table.add_row(
+            str(rev.number),
+            rev.name,
+            str(rev.step),
+            "-" if rev.parent_number is None else str(rev.parent_number),
+            rev.sha256[:12],
+            ", ".join(sorted(by_number.get(rev.number, []))),
+        )
+    console.print(table)
+
+
+@policy_app.command("rollback")
+def policy_rollback(
+    policy: str,
+    to: Annotated[int, typer.Option("--to", help="Revision number to move the alias to.")],
+    alias: Annotated[str, typer.Option(help="Alias to move.")] = "latest",
+    tenant: TenantOption = "default",
+) -> None:
+    """Move POLICY's alias (default `latest`) back to revision --to."""
+    catalog = _catalog()
+    catalog.rollback(tenant, policy, to, alias=alias)
+    console.print(f"{policy}: {alias} -> revision {to}")
+
+
+@revision_app.command("list")
+def revision_list(policy: str, tenant: TenantOption = "default") -> None:
+    """Revisions of POLICY."""
+    _print_revisions(_catalog(), tenant, policy)
+
+
+@app.command("rl", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def rl(ctx: typer.Context) -> None:
+    """Run the GRPO arithmetic recipe (see `mint rl --help-recipe`)."""
+    from mint.recipes.grpo import main as recipe_main
+
+    raise typer.Exit(recipe_main(list(ctx.args)))
+
+
+def main() -> None:
+    try:
+        app()
+    except MintError as error:
+        console.print(f"[red]error:[/red] {error.message}")
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

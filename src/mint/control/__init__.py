@@ -1,0 +1,1 @@
+"""Control plane: turns requests into jobs, orders them, deduplicates retries, runs them."""

@@ -1,0 +1,100 @@
+"""Futures: the handle a client polls for a job's result.
+
+A future is completed by the base worker thread and awaited by the API's event loop, so it
+wraps a `concurrent.futures.Future`; `wait` long-polls without blocking the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import itertools
+import threading
+import time
+from dataclasses import dataclass, field
+
+from mint.errors import MintError, NotFound
+
+
+@dataclass(frozen=True)
+class JsonResult:
+    body: dict[str, object]
+
+
+@dataclass(frozen=True)
+class ProtoResult:
+    body: bytes
+
+
+Result = JsonResult | ProtoResult
+
+
+@dataclass
+class JobFuture:
+    request_id: str
+    tenant: str
+    kind: str
+    created_at: float = field(default_factory=time.time)
+    inner: concurrent.futures.Future[Result] = field(default_factory=concurrent.futures.Future)
+
+    def set_result(self, result: Result) -> None:
+        if not self.inner.done():
+            self.inner.set_result(result)
+
+    def set_error(self, error: BaseException) -> None:
+        if not self.inner.done():
+            self.inner.set_exception(error)
+
+    @property
+    def done(self) -> bool:
+        return self.inner.done()
+
+    async def wait(self, timeout_s: float) -> bool:
+        """Wait up to `timeout_s` for completion; True when done."""
+        if self.inner.done():
+            return True
+        try:
+            await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(self.inner)), timeout_s)
+        except TimeoutError:
+            return False
+        except BaseException:  # the job failed: that still means "done"
+            return True
+        return True
+
+    def outcome(self) -> Result | MintError | BaseException:
+        error = self.inner.exception()
+        return error if error is not None else self.inner.result()
+
+
+class FutureTable:
+    """All futures by request id, scoped by tenant (another tenant's id reads as missing)."""
+
+    def __init__(self, keep_done_s: float = 3600.0) -> None:
+        self._futures: dict[str, JobFuture] = {}
+        self._lock = threading.Lock()
+        self._counter = itertools.count(1)
+        self._keep_done_s = keep_done_s
+
+    def create(self, tenant: str, kind: str) -> JobFuture:
+        with self._lock:
+            self._expire_locked()
+            request_id = f"req-{next(self._counter)}-{int(time.time() * 1000) % 100000}"
+            future = JobFuture(request_id=request_id, tenant=tenant, kind=kind)
+            self._futures[request_id] = future
+            return future
+
+    def get(self, tenant: str, request_id: str) -> JobFuture:
+        with self._lock:
+            future = self._futures.get(request_id)
+        if future is None or future.tenant != tenant:
+            raise NotFound(
+                f"no future {request_id!r}; request ids come from the answer of the submitting "
+                f"call and are kept for {self._keep_done_s:.0f}s after completion"
+            )
+        return future
+
+    def _expire_locked(self) -> None:
+        horizon = time.time() - self._keep_done_s
+        stale = [rid for rid, f in self._futures.items() if f.done and f.created_at < horizon]
+        for rid in stale:
+            del self._futures[rid]

@@ -1,0 +1,503 @@
+"""The control plane behind the API: one object that turns Tinker calls into jobs.
+
+Every call is scoped by tenant. Jobs that touch a base go to that base's worker (the one
+thread that runs its forward passes); training jobs of one client pass the seq gate first so
+they run in `seq_id` order and a replayed seq_id is applied once.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from mint.catalog.records import RevisionRecord
+from mint.catalog.store import Catalog
+from mint.config import Settings
+from mint.control.futures import FutureTable, JobFuture, JsonResult, Result
+from mint.control.ordering import SeqGate
+from mint.control.paths import CheckpointPath, parse_checkpoint_path
+from mint.control.sessions import Sampler, Session, SessionTable
+from mint.control.worker import BaseWorker, SampleJob, TrainJob
+from mint.errors import MalformedRequest, MintError, NotFound, UserError
+from mint.models.base import load_base
+from mint.models.lora import AdapterTensors, LoraSignature, targets_for
+from mint.models.registry import BaseSpec, find_base
+from mint.serve.types import AdapterRef, SampleRequest, SampleResult
+from mint.train.trainer import Trainer
+from mint.train.types import AdamParams, TrainDatum
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainingClient:
+    model_id: str
+    tenant: str
+    base_id: str
+
+
+class HostCache:
+    """Decoded revisions kept in host memory, least recently used out first."""
+
+    def __init__(self, catalog: Catalog, max_entries: int = 64) -> None:
+        self._catalog = catalog
+        self._entries: OrderedDict[str, AdapterTensors] = OrderedDict()
+        self._max_entries = max_entries
+        self._lock = threading.Lock()
+
+    def tensors(self, revision: RevisionRecord) -> AdapterTensors:
+        with self._lock:
+            cached = self._entries.get(revision.sha256)
+            if cached is not None:
+                self._entries.move_to_end(revision.sha256)
+                return cached
+        tensors = self._catalog.read_revision_tensors(revision)
+        with self._lock:
+            self._entries[revision.sha256] = tensors
+            while len(self._entries) > self._max_entries:
+                self._entries.popitem(last=False)
+        return tensors
+
+
+class Service:
+    def __init__(self, settings: Settings, catalog: Catalog | None = None) -> None:
+        self.settings = settings
+        settings.home.mkdir(parents=True, exist_ok=True)
+        self.catalog = catalog or Catalog(settings.catalog_url, settings.blobs_dir)
+        self.futures = FutureTable()
+        self.gate = SeqGate()
+        self.sessions = SessionTable()
+        self.host_cache = HostCache(self.catalog)
+        self._workers: dict[str, BaseWorker] = {}
+        self._workers_lock = threading.Lock()
+        self._clients: dict[str, TrainingClient] = {}
+        self._sample_replays: dict[tuple[str, int], tuple[JobFuture, list[str]]] = {}
+        self._control_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="control")
+
+    # ----------------------------------------------------------------- bases and workers
+    def worker(self, base_name: str) -> BaseWorker:
+        spec = find_base(base_name)
+        with self._workers_lock:
+            worker = self._workers.get(spec.public_id)
+            if worker is None:
+                base = load_base(
+                    spec.public_id,
+                    self.settings.bases_dir,
+                    self.settings.device,
+                    self.settings.dtype,
+                )
+                self.catalog.record_base(base.base_id, base.fingerprint)
+                worker = BaseWorker(base)
+                self._workers[spec.public_id] = worker
+            return worker
+
+    def supported_bases(self) -> list[BaseSpec]:
+        from mint.models.registry import KNOWN_BASES
+
+        return list(KNOWN_BASES)
+
+    def close(self) -> None:
+        for worker in list(self._workers.values()):
+            worker.stop()
+        self._control_pool.shutdown(wait=False, cancel_futures=True)
+
+    # ----------------------------------------------------------------------- sessions
+    def create_session(
+        self, tenant: str, tags: list[str], user_metadata: dict[str, object]
+    ) -> Session:
+        session = self.sessions.create(tenant, tags, user_metadata)
+        log.info("session %s created for tenant %s", session.session_id, tenant)
+        return session
+
+    def finish_session(self, tenant: str, session_id: str) -> None:
+        session = self.sessions.get(tenant, session_id)
+        session.finished = True
+
+    # ------------------------------------------------------------------- job plumbing
+    def _in_background(self, tenant: str, kind: str, work: Callable[[], Result]) -> JobFuture:
+        future = self.futures.create(tenant, kind)
+
+        def run() -> None:
+            try:
+                future.set_result(work())
+            except MintError as error:
+                future.set_error(error)
+            except Exception as error:
+                log.exception("%s job %s failed", kind, future.request_id)
+                future.set_error(error)
+
+        self._control_pool.submit(run)
+        return future
+
+    def client(self, tenant: str, model_id: str) -> TrainingClient:
+        client = self._clients.get(model_id)
+        if client is None or client.tenant != tenant:
+            raise NotFound(
+                f"no training run {model_id!r}; create one with create_lora_training_client"
+            )
+        return client
+
+    def _ordered(
+        self, tenant: str, model_id: str, seq_id: int, kind: str, run: Callable[[Trainer], Result]
+    ) -> JobFuture:
+        client = self.client(tenant, model_id)
+        replay = self.gate.replay_of(model_id, seq_id)
+        if replay is not None:
+            return replay
+        future = self.futures.create(tenant, kind)
+        worker = self.worker(client.base_id)
+        return self.gate.submit(
+            model_id, seq_id, future, lambda: worker.submit_train(TrainJob(future, run))
+        )
+
+    # ------------------------------------------------------------------------ training
+    def create_model(
+        self,
+        tenant: str,
+        session_id: str,
+        model_seq_id: int,
+        base_model: str,
+        lora_config: dict[str, object],
+        user_metadata: dict[str, str] | None,
+    ) -> JobFuture:
+        session = self.sessions.get(tenant, session_id)
+        spec = find_base(base_model)
+        signature = _signature_from(lora_config, user_metadata or {})
+        seed = int(lora_config.get("seed") or 0)  # type: ignore[call-overload]
+        model_id = f"{session.session_id}:train:{model_seq_id}"
+
+        def work() -> Result:
+            worker = self.worker(spec.public_id)
+            base = worker.base
+            self.catalog.create_policy(
+                tenant, model_id, base.base_id, base.fingerprint, signature, user_metadata
+            )
+            done = self.futures.create(tenant, "create_policy")
+            worker.submit_train(TrainJob(done, lambda t: _created(t, model_id, signature, seed)))
+            done.inner.result()
+            self._register_client(session, model_id, base.base_id)
+            log.info("policy %s created on %s (rank %d)", model_id, base.base_id, signature.rank)
+            return JsonResult({"model_id": model_id, "type": "create_model"})
+
+        future = self._in_background(tenant, "create_model", work)
+        return future
+
+    def _register_client(self, session: Session, model_id: str, base_id: str) -> None:
+        self._clients[model_id] = TrainingClient(model_id, session.tenant, base_id)
+        self.gate.start_client(model_id, 1)
+        session.model_ids.append(model_id)
+
+    def get_info(self, tenant: str, model_id: str) -> dict[str, object]:
+        client = self.client(tenant, model_id)
+        policy = self.catalog.get_policy(tenant, model_id)
+        worker = self.worker(client.base_id)
+        return {
+            "type": "get_info",
+            "model_id": model_id,
+            "model_name": client.base_id,
+            "is_lora": True,
+            "lora_rank": policy.rank,
+            "model_data": {
+                "arch": str(getattr(worker.base.model.config, "model_type", "unknown")),
+                "model_name": client.base_id,
+                # A local folder: the SDK loads the tokenizer from it without any network.
+                "tokenizer_id": str(worker.base.folder),
+            },
+        }
+
+    def forward_backward(
+        self,
+        tenant: str,
+        model_id: str,
+        seq_id: int,
+        data: list[TrainDatum],
+        loss_fn: str,
+        loss_fn_config: dict[str, float | str],
+        forward_only: bool,
+    ) -> JobFuture:
+        from mint.api.proto import encode_forward_backward
+        from mint.control.futures import ProtoResult
+
+        numeric = {k: float(v) for k, v in loss_fn_config.items() if not isinstance(v, str)}
+
+        def run(trainer: Trainer) -> Result:
+            result = trainer.forward_backward(model_id, data, loss_fn, numeric, forward_only)
+            return ProtoResult(encode_forward_backward(result))
+
+        kind = "forward" if forward_only else "forward_backward"
+        return self._ordered(tenant, model_id, seq_id, kind, run)
+
+    def optim_step(
+        self, tenant: str, model_id: str, seq_id: int, adam: dict[str, float]
+    ) -> JobFuture:
+        params = AdamParams(**{k: float(v) for k, v in adam.items() if k in _ADAM_FIELDS})
+
+        def run(trainer: Trainer) -> Result:
+            metrics = trainer.optim_step(model_id, params)
+            self.catalog.touch_policy(tenant, model_id)
+            return JsonResult({"metrics": metrics, "type": "optim_step"})
+
+        return self._ordered(tenant, model_id, seq_id, "optim_step", run)
+
+    def save_state(
+        self,
+        tenant: str,
+        model_id: str,
+        seq_id: int,
+        name: str | None,
+        ttl_seconds: int | None,
+        overwrite: bool,
+        user_metadata: dict[str, str] | None,
+    ) -> JobFuture:
+        checkpoint_name = name or f"state-{seq_id}"
+
+        def run(trainer: Trainer) -> Result:
+            payload = trainer.save_state(model_id)
+            self.catalog.save_training_state(
+                tenant,
+                model_id,
+                checkpoint_name,
+                payload,
+                trainer.step(model_id),
+                ttl_seconds=ttl_seconds,
+                user_metadata=user_metadata,
+                overwrite=overwrite,
+            )
+            path = CheckpointPath(model_id, "training", checkpoint_name)
+            log.info("training state saved: %s", path)
+            return JsonResult({"path": str(path), "type": "save_weights"})
+
+        return self._ordered(tenant, model_id, seq_id, "save_weights", run)
+
+    def save_for_sampler(
+        self,
+        tenant: str,
+        model_id: str,
+        seq_id: int,
+        name: str | None,
+        sampling_session_seq_id: int | None,
+        ttl_seconds: int | None,
+        user_metadata: dict[str, str] | None,
+    ) -> JobFuture:
+        client = self.client(tenant, model_id)
+        session_id = model_id.split(":train:")[0]
+
+        def run(trainer: Trainer) -> Result:
+            tensors = trainer.adapter_tensors(model_id)
+            revision = self.catalog.export_revision(
+                tenant,
+                model_id,
+                name,
+                tensors,
+                trainer.step(model_id),
+                ttl_seconds=ttl_seconds,
+                user_metadata=user_metadata,
+            )
+            log.info("revision %s@%d exported (%s)", model_id, revision.number, revision.name)
+            if name is not None:
+                path = CheckpointPath(model_id, "sampler", revision.name)
+                return JsonResult({"path": str(path), "type": "save_weights_for_sampler"})
+            sampler_id = f"{session_id}:sample:{sampling_session_seq_id or 0}"
+            sampler = Sampler(
+                sampler_id,
+                tenant,
+                client.base_id,
+                model_id,
+                str(revision.number),
+                str(CheckpointPath(model_id, "sampler", revision.name)),
+            )
+            self.sessions.add_sampler(sampler, self._session_or_none(tenant, session_id))
+            return JsonResult(
+                {"sampling_session_id": sampler_id, "type": "save_weights_for_sampler"}
+            )
+
+        return self._ordered(tenant, model_id, seq_id, "save_weights_for_sampler", run)
+
+    def _session_or_none(self, tenant: str, session_id: str) -> Session | None:
+        try:
+            return self.sessions.get(tenant, session_id)
+        except NotFound:
+            return None
+
+    def load_state(
+        self,
+        tenant: str,
+        path: str,
+        with_optimizer: bool,
+        model_id: str | None,
+        seq_id: int,
+        session_id: str | None,
+        model_seq_id: int | None,
+    ) -> JobFuture:
+        source = parse_checkpoint_path(path)
+        if source.kind != "training":
+            raise MalformedRequest(
+                f"{path} is a sampler checkpoint; load_state takes a training state saved "
+                f"with save_state (tinker://<run>/weights/<name>)"
+            )
+        payload = self.catalog.read_training_state(tenant, source.policy_id, source.name)
+        answer = {"path": path, "type": "load_weights"}
+        if model_id is not None:
+
+            def run(trainer: Trainer) -> Result:
+                trainer.load_state(model_id, payload, with_optimizer)
+                return JsonResult({**answer, "model_id": model_id})
+
+            return self._ordered(tenant, model_id, seq_id, "load_weights", run)
+        if session_id is None or model_seq_id is None:
+            raise MalformedRequest(
+                "load_weights needs either model_id or session_id and model_seq_id"
+            )
+        return self._create_from_state(
+            tenant, session_id, model_seq_id, source, payload, with_optimizer, answer
+        )
+
+    def _create_from_state(
+        self,
+        tenant: str,
+        session_id: str,
+        model_seq_id: int,
+        source: CheckpointPath,
+        payload: bytes,
+        with_optimizer: bool,
+        answer: dict[str, object],
+    ) -> JobFuture:
+        session = self.sessions.get(tenant, session_id)
+        source_policy = self.catalog.get_policy(tenant, source.policy_id)
+        new_id = f"{session.session_id}:train:{model_seq_id}"
+        signature = LoraSignature(
+            source_policy.rank, source_policy.alpha, tuple(source_policy.target_modules)
+        )
+
+        def work() -> Result:
+            worker = self.worker(source_policy.base_id)
+            base = worker.base
+            self.catalog.create_policy(
+                tenant,
+                new_id,
+                base.base_id,
+                base.fingerprint,
+                signature,
+                dict(source_policy.user_metadata),
+            )
+            done = self.futures.create(tenant, "load_policy")
+            worker.submit_train(
+                TrainJob(done, lambda t: _loaded(t, new_id, payload, with_optimizer))
+            )
+            done.inner.result()
+            self._register_client(session, new_id, base.base_id)
+            return JsonResult({**answer, "model_id": new_id})
+
+        return self._in_background(tenant, "load_weights", work)
+
+    # ------------------------------------------------------------------------ sampling
+    def create_sampler(
+        self,
+        tenant: str,
+        session_id: str,
+        sampling_session_seq_id: int,
+        model_path: str | None,
+        base_model: str | None,
+    ) -> Sampler:
+        session = self.sessions.get(tenant, session_id)
+        sampler_id = f"{session.session_id}:sample:{sampling_session_seq_id}"
+        if model_path:
+            target = parse_checkpoint_path(model_path)
+            policy = self.catalog.get_policy(tenant, target.policy_id)
+            if target.kind != "sampler":
+                raise MalformedRequest(
+                    f"{model_path} is a training state; sample from a sampler checkpoint "
+                    f"(save_weights_for_sampler) instead"
+                )
+            self.catalog.resolve(tenant, policy.policy_id, target.name)  # fail now, not later
+            sampler = Sampler(
+                sampler_id, tenant, policy.base_id, policy.policy_id, target.name, model_path
+            )
+        elif base_model:
+            sampler = Sampler(sampler_id, tenant, find_base(base_model).public_id)
+        else:
+            raise MalformedRequest("create_sampling_session needs model_path or base_model")
+        self.sessions.add_sampler(sampler, session)
+        return sampler
+
+    def sample(
+        self,
+        tenant: str,
+        sampler_id: str,
+        seq_id: int | None,
+        request: SampleRequest,
+    ) -> tuple[JobFuture, list[str]]:
+        from mint.api.proto import encode_sample
+        from mint.control.futures import ProtoResult
+
+        sampler = self.sessions.sampler(tenant, sampler_id)
+        key = (sampler_id, seq_id) if seq_id is not None else None
+        if key is not None and key in self._sample_replays:
+            return self._sample_replays[key]
+        request.adapter = self._adapter_for(sampler)
+        worker = self.worker(sampler.base_id)
+        future = self.futures.create(tenant, "sample")
+        ids = [f"{future.request_id}:seq:{i}" for i in range(request.num_samples)]
+
+        def finish(result: SampleResult) -> Result:
+            return ProtoResult(encode_sample(result))
+
+        worker.submit_sample(SampleJob(future, request, finish))
+        if key is not None:
+            self._sample_replays[key] = (future, ids)
+        return future, ids
+
+    def _adapter_for(self, sampler: Sampler) -> AdapterRef | None:
+        if sampler.policy_id is None:
+            return None
+        revision = self.catalog.resolve(sampler.tenant, sampler.policy_id, sampler.ref)
+        tensors = self.host_cache.tensors(revision)
+        return AdapterRef(
+            key=f"{revision.policy_id}@{revision.number}",
+            tensors=tensors,
+            scale=revision.alpha / revision.rank,
+        )
+
+
+_ADAM_FIELDS = {
+    "learning_rate",
+    "beta1",
+    "beta2",
+    "eps",
+    "weight_decay",
+    "grad_clip_norm",
+}
+
+
+DEFAULT_LORA_ALPHA = 32.0
+
+
+def _signature_from(lora_config: dict[str, object], user_metadata: dict[str, str]) -> LoraSignature:
+    """Rank from lora_config; alpha from lora_config or, since the SDK's LoraConfig has no
+    alpha field, from user_metadata["lora_alpha"]; Tinker's fixed alpha 32 otherwise."""
+    rank = lora_config.get("rank")
+    if not isinstance(rank, int) or isinstance(rank, bool):
+        raise UserError(f"lora_config.rank must be an integer, got {rank!r}")
+    raw_alpha = lora_config.get("alpha", user_metadata.get("lora_alpha", DEFAULT_LORA_ALPHA))
+    try:
+        alpha = float(raw_alpha)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise UserError(f"LoRA alpha must be a number, got {raw_alpha!r}") from None
+    targets = targets_for(
+        bool(lora_config.get("train_attn", True)), bool(lora_config.get("train_mlp", True))
+    )
+    return LoraSignature(rank=rank, alpha=float(alpha), target_modules=targets)
+
+
+def _created(trainer: Trainer, model_id: str, signature: LoraSignature, seed: int) -> Result:
+    trainer.create_policy(model_id, signature, seed)
+    return JsonResult({})
+
+
+def _loaded(trainer: Trainer, model_id: str, payload: bytes, with_optimizer: bool) -> Result:
+    trainer.load_state(model_id, payload, with_optimizer)
+    return JsonResult({})

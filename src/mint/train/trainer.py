@@ -1,0 +1,271 @@
+"""The trainer: one worker over one resident base, time-slicing many policies.
+
+A job names a policy; the trainer swaps that policy's training state onto the base's device
+(evicting the least recently used policy to host memory when `max_live_policies` are already
+there), binds its LoRA tensors to the frozen base for the job, and leaves the state in place
+for the next job. The base weights exist once and never change. Only the base's worker thread
+calls a trainer, so nothing here locks.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from mint.errors import Conflict, InvalidAdapter, NotFound, UserError
+from mint.models.base import ResidentBase
+from mint.models.lora import AdapterTensors, BoundAdapter, LoraSignature, bound, init_adapter
+from mint.train import state as saved_form
+from mint.train.batch import Batch, collate
+from mint.train.losses import loss_spec, resolve_config
+from mint.train.optimizer import adamw_step_, clip_, global_grad_norm
+from mint.train.state import HOST, PolicyState
+from mint.train.types import AdamParams, ForwardBackwardResult, TrainDatum
+
+log = logging.getLogger(__name__)
+
+
+class Trainer:
+    """Training state for many policies over one `ResidentBase`."""
+
+    def __init__(self, base: ResidentBase, max_live_policies: int = 4) -> None:
+        if max_live_policies < 1:
+            raise UserError(
+                f"max_live_policies={max_live_policies} must be at least 1; "
+                "it bounds how many policies' training state sits on the device"
+            )
+        self.base = base
+        self.max_live_policies = max_live_policies
+        self._policies: dict[str, PolicyState] = {}
+        # Policies whose state is on the base's device, least recently used first.
+        self._live: OrderedDict[str, None] = OrderedDict()
+
+    # -- policies -------------------------------------------------------------------------
+
+    def create_policy(self, policy_id: str, signature: LoraSignature, seed: int = 0) -> None:
+        """A new policy with a fresh adapter (B = 0, so it starts as the base itself)."""
+        if policy_id in self._policies:
+            raise Conflict(
+                f"policy {policy_id!r} already exists on this trainer; "
+                "pick another id or drop_policy it first"
+            )
+        self._check_targets(signature)
+        tensors = init_adapter(self.base.layers, signature, seed, device=HOST)
+        self._policies[policy_id] = PolicyState.fresh(signature, tensors)
+        log.info(
+            "policy %s created (rank=%d alpha=%g targets=%s seed=%d)",
+            policy_id,
+            signature.rank,
+            signature.alpha,
+            ",".join(signature.target_modules),
+            seed,
+        )
+
+    def has_policy(self, policy_id: str) -> bool:
+        return policy_id in self._policies
+
+    def signature(self, policy_id: str) -> LoraSignature:
+        return self._get(policy_id).signature
+
+    def step(self, policy_id: str) -> int:
+        """How many optimizer steps the policy has taken."""
+        return self._get(policy_id).step
+
+    def drop_policy(self, policy_id: str) -> None:
+        self._get(policy_id)
+        del self._policies[policy_id]
+        self._live.pop(policy_id, None)
+        log.info("policy %s dropped", policy_id)
+
+    @property
+    def live_policies(self) -> list[str]:
+        """Policies whose training state is on the base's device, least recently used first."""
+        return list(self._live)
+
+    # -- jobs -----------------------------------------------------------------------------
+
+    def forward_backward(
+        self,
+        policy_id: str,
+        data: list[TrainDatum],
+        loss_fn: str,
+        loss_fn_config: dict[str, float] | None = None,
+        forward_only: bool = False,
+    ) -> ForwardBackwardResult:
+        """Per-token logprobs and losses; unless `forward_only`, add the loss's gradients.
+
+        The loss is the sum of elementwise losses over all tokens and datums; gradients add
+        up over calls until the next `optim_step`.
+        """
+        spec = loss_spec(loss_fn)
+        config = resolve_config(loss_fn, spec, loss_fn_config)
+        base = self.base
+        batch = collate(data, spec, base.vocab_size, base.max_context_length, base.device)
+        state = self._swap_in(policy_id)
+        with torch.set_grad_enabled(not forward_only):
+            logprobs = self._target_logprobs(state, batch)
+            elementwise = torch.where(batch.mask, spec.compute(logprobs, batch.inputs, config), 0.0)
+            if not forward_only:
+                elementwise.sum().backward()
+        return _result(batch, logprobs.detach(), elementwise.detach())
+
+    def optim_step(self, policy_id: str, params: AdamParams) -> dict[str, float]:
+        """One AdamW step on the accumulated gradients, which are then zeroed."""
+        state = self._swap_in(policy_id)
+        grads = state.grads()
+        # 1. The norm is reported before clipping, whether clipping is on or not.
+        norm = global_grad_norm(grads)
+        clip_(grads, params.grad_clip_norm, norm)
+        # 2. The step counter counts from 1 inside the update (bias correction).
+        state.step += 1
+        adamw_step_(
+            list(state.weights.values()),
+            grads,
+            list(state.exp_avg.values()),
+            list(state.exp_avg_sq.values()),
+            state.step,
+            params,
+        )
+        state.zero_grad()
+        log.debug("policy=%s optim_step step=%d grad_norm=%.4g", policy_id, state.step, norm)
+        return {"grad_norm:mean": float(norm), "learning_rate:mean": params.learning_rate}
+
+    # -- reading and writing training state -------------------------------------------------
+
+    def adapter_tensors(self, policy_id: str) -> AdapterTensors:
+        """Detached CPU float32 copies of the policy's A and B tensors, by module path."""
+        adapter = self._get(policy_id).adapter(torch.float32)
+        return {path: (_host_copy(a), _host_copy(b)) for path, (a, b) in adapter.items()}
+
+    def gradients(self, policy_id: str) -> AdapterTensors:
+        """Detached CPU copies of the gradients accumulated since the last optim_step."""
+        state = self._get(policy_id)
+        grads = dict(zip(state.weights, state.grads(), strict=True))
+        return {
+            name[:-2]: (_host_copy(grads[name]), _host_copy(grads[name[:-2] + ".B"]))
+            for name in grads
+            if name.endswith(".A")
+        }
+
+    def save_state(self, policy_id: str) -> bytes:
+        """The policy's training state as safetensors bytes (gradients are not included)."""
+        state = self._get(policy_id)
+        return saved_form.encode(state, self.base.base_id, self.base.fingerprint)
+
+    def load_state(self, policy_id: str, payload: bytes, with_optimizer: bool) -> None:
+        """Replace (or create) a policy's training state from `save_state` bytes.
+
+        Without the optimizer the weights and step are restored and the Adam moments start
+        from zero. Pending gradients of the policy are discarded.
+        """
+        saved = saved_form.decode(payload)
+        problems = self._base_problems(saved.metadata)
+        existing = self._policies.get(policy_id)
+        if existing is not None and existing.signature != saved.signature:
+            problems.append(
+                f"signature {saved.signature} differs from policy {policy_id!r}'s "
+                f"{existing.signature}; load it into a new policy id"
+            )
+        missing_targets = self._missing_targets(saved.signature)
+        if missing_targets:
+            problems.append(f"target modules {missing_targets} do not exist on this base")
+        else:
+            shapes = self.base.shapes(saved.signature)
+            problems += saved_form.tensor_problems(saved, shapes, with_optimizer)
+        if problems:
+            raise InvalidAdapter(problems, subject="training state")
+        self._policies[policy_id] = saved_form.restore(saved, with_optimizer)
+        self._live.pop(policy_id, None)
+        log.info(
+            "policy %s %s from saved state (step=%d, optimizer=%s)",
+            policy_id,
+            "replaced" if existing else "created",
+            saved.step,
+            with_optimizer,
+        )
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _get(self, policy_id: str) -> PolicyState:
+        state = self._policies.get(policy_id)
+        if state is None:
+            raise NotFound(
+                f"policy {policy_id!r} is not on this trainer; "
+                "create it with create_policy or load_state first"
+            )
+        return state
+
+    def _swap_in(self, policy_id: str) -> PolicyState:
+        """Make the policy's state device-resident, evicting least recently used ones."""
+        state = self._get(policy_id)
+        if policy_id in self._live:
+            self._live.move_to_end(policy_id)
+            return state
+        while len(self._live) >= self.max_live_policies:
+            victim, _ = self._live.popitem(last=False)
+            self._policies[victim].move_to(HOST)
+            log.debug("policy=%s swapped out to host", victim)
+        state.move_to(self.base.device)
+        self._live[policy_id] = None
+        log.debug("policy=%s swapped in to %s", policy_id, self.base.device)
+        return state
+
+    def _target_logprobs(self, state: PolicyState, batch: Batch) -> torch.Tensor:
+        """Logprob of each target under the policy, full softmax in float32: [B, T]."""
+        adapter = BoundAdapter(state.adapter(self.base.dtype), state.signature.scale)
+        with bound(self.base.binding, [adapter]):
+            logits = self.base.model(
+                input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
+            ).logits
+        flat = logits.float().flatten(0, 1)
+        losses = F.cross_entropy(flat, batch.targets.flatten(), reduction="none")
+        return -losses.view_as(batch.targets)
+
+    def _missing_targets(self, signature: LoraSignature) -> list[str]:
+        present = {path.rsplit(".", 1)[-1] for path in self.base.layers}
+        return sorted(set(signature.target_modules) - present)
+
+    def _check_targets(self, signature: LoraSignature) -> None:
+        missing = self._missing_targets(signature)
+        if missing:
+            present = sorted({path.rsplit(".", 1)[-1] for path in self.base.layers})
+            raise UserError(
+                f"target modules {missing} do not exist on base {self.base.base_id}; "
+                f"choose from {present}"
+            )
+
+    def _base_problems(self, metadata: dict[str, str]) -> list[str]:
+        problems = []
+        for key, ours in (
+            ("base_id", self.base.base_id),
+            ("base_fingerprint", self.base.fingerprint),
+        ):
+            if metadata.get(key) != ours:
+                problems.append(f"{key} is {metadata.get(key)!r}, this trainer's base has {ours!r}")
+        return problems
+
+
+def _host_copy(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.detach().to(HOST, dtype=torch.float32, copy=True)
+
+
+def _result(
+    batch: Batch, logprobs: torch.Tensor, elementwise: torch.Tensor
+) -> ForwardBackwardResult:
+    """Per-datum outputs without padding, and the job's metrics."""
+    logprobs_np = logprobs.to(HOST).numpy()
+    losses_np = elementwise.to(HOST).numpy()
+    outputs = [
+        {
+            "logprobs": logprobs_np[row, :length].copy(),
+            "elementwise_loss": losses_np[row, :length].copy(),
+        }
+        for row, length in enumerate(batch.lengths)
+    ]
+    loss = sum(float(np.sum(out["elementwise_loss"], dtype=np.float64)) for out in outputs)
+    metrics = {"loss:sum": loss, "num_tokens:sum": float(sum(batch.lengths))}
+    return ForwardBackwardResult(outputs=outputs, metrics=metrics)
