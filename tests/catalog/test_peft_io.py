@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
+from tests.catalog.conftest import BASE_ID, SIGNATURE, make_tensors
 
 from mint.catalog import Catalog, read_peft_tensors, write_peft_folder
 from mint.catalog.peft_io import RevisionManifest, folder_digest
 from mint.errors import InvalidAdapter
 from mint.models.base import ResidentBase
 from mint.models.lora import BoundAdapter, LoraSignature, bound, init_adapter
-from tests.catalog.conftest import BASE_ID, SIGNATURE, make_tensors
 
 EXPECTED_CONFIG = """{
   "base_model_name_or_path": "mint-test/tiny-llama",
@@ -106,6 +106,10 @@ def test_bad_folders_list_every_problem(tmp_path: Path) -> None:
     (folder / "adapter_model.safetensors").write_bytes(b"\x00" * 5)
     with pytest.raises(InvalidAdapter, match="adapter_model.safetensors in .* is unreadable"):
         read_peft_tensors(folder)
+    (folder / "adapter_config.json").unlink()
+    with pytest.raises(InvalidAdapter) as caught:
+        read_peft_tensors(folder)
+    assert caught.value.problems == [f"adapter_config.json is missing in {folder}"]
 
 
 def test_tensors_that_miss_the_signature_are_refused(tmp_path: Path) -> None:

@@ -7,11 +7,11 @@ import threading
 from pathlib import Path
 
 import pytest
+from tests.catalog.conftest import make_tensors
 
 from mint.catalog import Catalog
 from mint.catalog.peft_io import read_manifest
 from mint.errors import AliasInUse, Conflict, NotFound, UserError
-from tests.catalog.conftest import make_tensors
 
 
 def export(catalog: Catalog, seed: int, name: str | None = None, step: int = 0) -> int:

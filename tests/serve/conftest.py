@@ -11,7 +11,7 @@ versus a full pass) measurably move logprobs by up to about 3e-5, so float32 get
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -25,6 +25,22 @@ TOLERANCE = {torch.float64: 1e-5, torch.float32: 1e-4}
 
 #: (tokens, adapter) -> logits [len(tokens), vocab] of one plain full forward pass.
 ForwardLogits = Callable[[list[int], AdapterRef | None], torch.Tensor]
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    """Run engine tests on one intra-op thread, restoring the setting afterwards.
+
+    On the shared 2-core test machine, while another process holds a core, two threads made
+    each tiny-tensor op (index_add, log_softmax) wait about 30 ms at its thread barrier, which
+    turned a 4 s suite into 5 minutes. The tiny base gains nothing from a second thread.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="session")
@@ -47,9 +63,7 @@ def atol(base: ResidentBase) -> float:
     return TOLERANCE[base.dtype]
 
 
-def random_adapter(
-    base: ResidentBase, key: str, seed: int, signature: LoraSignature
-) -> AdapterRef:
+def random_adapter(base: ResidentBase, key: str, seed: int, signature: LoraSignature) -> AdapterRef:
     """An adapter with Kaiming A and random normal B, so its delta changes the samples."""
     tensors = init_adapter(base.layers, signature, seed=seed, device=base.device, dtype=base.dtype)
     generator = torch.Generator().manual_seed(seed + 1000)

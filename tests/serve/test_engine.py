@@ -14,7 +14,6 @@ from mint.serve import AdapterRef, Engine, SampleRequest, SampleResult, Sampling
 ForwardLogits = Callable[[list[int], AdapterRef | None], torch.Tensor]
 
 
-
 def f64(values: list[float]) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float64)
 
@@ -82,8 +81,10 @@ def test_prompt_logprobs_match_a_full_forward_pass(
     want = torch.log_softmax(logits[:-1], -1).gather(-1, torch.tensor(prompt[1:])[:, None])[:, 0]
     plain = SampleRequest([5, 6], greedy(3), adapter=adapters[0])
     longer = SampleRequest(list(range(30, 60)), greedy(3), prompt_logprobs=True)
-    for results, index in ((engine.generate([target]), 0),
-                           (engine.generate([plain, target, longer]), 1)):
+    for results, index in (
+        (engine.generate([target]), 0),
+        (engine.generate([plain, target, longer]), 1),
+    ):
         got = results[index].prompt_logprobs
         assert got is not None and got[0] is None and len(got) == len(prompt)
         torch.testing.assert_close(f64(got[1:]), want, rtol=0, atol=atol)
@@ -97,8 +98,11 @@ def random_request(rng: random.Random, adapters: list[AdapterRef]) -> SampleRequ
         params = greedy(rng.randint(1, 12))
     else:
         params = SamplingParams(
-            max_tokens=rng.randint(1, 12), temperature=1.0, top_p=0.95,
-            seed=rng.randrange(2**32), stop_tokens=[],
+            max_tokens=rng.randint(1, 12),
+            temperature=1.0,
+            top_p=0.95,
+            seed=rng.randrange(2**32),
+            stop_tokens=[],
         )
     adapter = rng.choice([None, *adapters])
     return SampleRequest(prompt, params, num_samples=rng.randint(1, 3), adapter=adapter)
@@ -133,9 +137,17 @@ def test_one_adapter_for_the_whole_batch_matches_per_row_binding(
 ) -> None:
     # Every row on one adapter takes the unindexed binding path; it must agree with the
     # indexed path taken when a plain row shares the batch.
-    shared = [SampleRequest([i + 10, i + 20, i + 30], greedy(8), adapter=adapters[2])
-              for i in range(3)]
+    shared = [
+        SampleRequest([i + 10, i + 20, i + 30], greedy(8), adapter=adapters[2]) for i in range(3)
+    ]
     together = engine.generate(shared)
     with_plain = engine.generate([*shared, SampleRequest([4, 4], greedy(8))])
     for got, want in zip(with_plain[:3], together, strict=True):
         assert_same_result(got, want, atol)
+
+
+def test_no_requests_and_one_token_prompts(engine: Engine) -> None:
+    assert engine.generate([]) == []
+    result = engine.generate([SampleRequest([9], greedy(2), prompt_logprobs=True)])[0]
+    assert result.prompt_logprobs == [None]
+    assert result.sequences[0].tokens == [9, 9]

@@ -61,8 +61,12 @@ def test_logprobs_are_those_of_the_processed_distribution(
     uncertain_steps = 0
     for sequence in engine.generate([request])[0].sequences:
         logits = forward_logits(PROMPT + sequence.tokens, adapters[0])
-        for step, (token, logprob) in enumerate(zip(sequence.tokens, sequence.logprobs)):
-            probs = reference_distribution(logits[len(PROMPT) - 1 + step], *(temperature, top_k, top_p))
+        for step, (token, logprob) in enumerate(
+            zip(sequence.tokens, sequence.logprobs, strict=True)
+        ):
+            probs = reference_distribution(
+                logits[len(PROMPT) - 1 + step], *(temperature, top_k, top_p)
+            )
             assert probs[token] > 0
             assert abs(probs.sum().item() - 1) < 1e-12
             assert abs(logprob - probs[token].log().item()) <= atol
@@ -117,15 +121,17 @@ def sampled(engine: Engine, request: SampleRequest) -> list[list[int]]:
     return [sequence.tokens for sequence in engine.generate([request])[0].sequences]
 
 
-def seeded(seed: int | None, num_samples: int = 1) -> SamplingParams:
-    return SamplingParams(max_tokens=32, temperature=1.0, seed=seed, stop_tokens=[])
+def seeded(seed: int | None) -> SamplingParams:
+    # At temperature 2 with adapter rev-a, 200 unseeded samples of 32 tokens were all
+    # distinct and the likeliest had logprob -17.6, so a chance repeat is about 1e-8.
+    return SamplingParams(max_tokens=32, temperature=2.0, seed=seed, stop_tokens=[])
 
 
 def test_a_fixed_seed_gives_the_same_samples(engine: Engine, adapters: list[AdapterRef]) -> None:
-    request = SampleRequest(PROMPT, seeded(1234), num_samples=3, adapter=adapters[1])
+    request = SampleRequest(PROMPT, seeded(1234), num_samples=3, adapter=adapters[0])
     first = sampled(engine, request)
     assert sampled(engine, request) == first
-    crowd = [SampleRequest([3, 4, 5], seeded(99), num_samples=2, adapter=adapters[0]), request]
+    crowd = [SampleRequest([3, 4, 5], seeded(99), num_samples=2, adapter=adapters[1]), request]
     assert [s.tokens for s in engine.generate(crowd)[1].sequences] == first
     # Samples of one request use different streams, and so differ.
     assert len({tuple(tokens) for tokens in first}) == 3
@@ -133,16 +139,32 @@ def test_a_fixed_seed_gives_the_same_samples(engine: Engine, adapters: list[Adap
 
 def test_different_seeds_differ(engine: Engine, adapters: list[AdapterRef]) -> None:
     outputs = {
-        tuple(sampled(engine, SampleRequest(PROMPT, seeded(seed), adapter=adapters[1]))[0])
+        tuple(sampled(engine, SampleRequest(PROMPT, seeded(seed), adapter=adapters[0]))[0])
         for seed in (0, 1, 2, -(2**63), 2**64 - 1)
     }
     assert len(outputs) == 5
-    # No seed: a fresh random stream each call; 32 high-entropy tokens never repeat.
-    unseeded = SampleRequest(PROMPT, seeded(None), adapter=adapters[1])
-    assert sampled(engine, unseeded) != sampled(engine, unseeded)
+    # No seed: a fresh random stream each call.
+    unseeded = SampleRequest(PROMPT, seeded(None), num_samples=2, adapter=adapters[0])
+    runs = [tuple(tokens) for _ in range(2) for tokens in sampled(engine, unseeded)]
+    assert len(set(runs)) == 4
 
 
 def test_row_seed_is_a_stable_64_bit_value() -> None:
     assert row_seed(0, 0) == row_seed(0, 0)
     assert row_seed(0, 0) != row_seed(0, 1) != row_seed(1, 0)
     assert all(0 <= row_seed(seed, 3) < 2**64 for seed in (-(2**63), 0, 2**64 - 1))
+
+
+def test_bf16_logits_are_sampled_in_float32() -> None:
+    logits = torch.tensor([[1.0, 2.0, 3.0]], dtype=torch.bfloat16)
+    params = RowParams(torch.tensor([1.0]), torch.tensor([3]), torch.tensor([1.0]))
+    got = processed_logprobs(logits, params)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, torch.log_softmax(logits.float(), -1))
+
+
+def test_a_tiny_temperature_stays_finite_and_acts_greedy() -> None:
+    logits = torch.tensor([[10.0, 30.0, 29.0, -5.0]])
+    params = RowParams(torch.tensor([1e-40]), torch.tensor([4]), torch.tensor([1.0]))
+    got = processed_logprobs(logits, params)[0]
+    assert got.tolist() == [float("-inf"), 0.0, float("-inf"), float("-inf")]

@@ -46,8 +46,9 @@ def test_a_custom_stop_token_ends_the_row_at_its_first_occurrence(
     free = only(engine, SampleRequest(prompt, greedy(20, stop_tokens=[]), adapter=adapters[0]))
     stop = free.tokens[6]
     end = free.tokens.index(stop) + 1
-    stopped = only(engine, SampleRequest(prompt, greedy(20, stop_tokens=[stop, 258]),
-                                         adapter=adapters[0]))
+    stopped = only(
+        engine, SampleRequest(prompt, greedy(20, stop_tokens=[stop, 258]), adapter=adapters[0])
+    )
     assert (stopped.tokens, stopped.stop_reason) == (free.tokens[:end], "stop")
     assert stopped.logprobs == pytest.approx(free.logprobs[:end], abs=1e-4)
 
@@ -68,27 +69,30 @@ def test_stop_strings_are_found_in_the_generated_text(
 def test_a_stop_string_spanning_sampled_tokens(
     base: ResidentBase, engine: Engine, adapters: list[AdapterRef]
 ) -> None:
-    prompt = encode(base, "The cat ")
-    free = only(engine, SampleRequest(prompt, greedy(24, stop_tokens=[]), adapter=adapters[1]))
+    prompt = encode(base, "Hello, world")
+    free = only(engine, SampleRequest(prompt, greedy(24, stop_tokens=[]), adapter=adapters[2]))
     pieces = [base.tokenizer.decode([token]) for token in free.tokens]  # type: ignore[attr-defined]
-    # The first pair of printable ASCII tokens whose text did not occur earlier.
+    # The first change between two printable ASCII tokens after the first few tokens.
     end = next(
         i + 1
-        for i in range(1, len(pieces))
-        if all(p.isascii() and p.isprintable() and len(p) == 1 for p in pieces[i - 1 : i + 1])
-        and pieces[i - 1] + pieces[i] not in "".join(pieces[:i])
+        for i in range(4, len(pieces))
+        if pieces[i - 1] != pieces[i]
+        and all(p.isascii() and p.isprintable() and len(p) == 1 for p in pieces[i - 1 : i + 1])
     )
     stop = pieces[end - 2] + pieces[end - 1]
-    params = greedy(24, stop_strings=["never-seen", stop], stop_tokens=[])
-    sequence = only(engine, SampleRequest(prompt, params, adapter=adapters[1]))
+    assert stop not in "".join(pieces[: end - 1])
+    assert pieces[end - 1] * 2 not in "".join(pieces[:end])
+    # The later of two stop strings ("xx" after "xy") must not win.
+    params = greedy(24, stop_strings=[pieces[end - 1] * 2, stop], stop_tokens=[])
+    sequence = only(engine, SampleRequest(prompt, params, adapter=adapters[2]))
     assert (sequence.tokens, sequence.stop_reason) == (free.tokens[:end], "stop")
-    assert end >= 2
 
 
 def test_max_tokens_ends_with_length(engine: Engine, adapters: list[AdapterRef]) -> None:
     params = SamplingParams(max_tokens=5, temperature=1.0, seed=3, stop_tokens=[])
-    sequences = engine.generate([SampleRequest([1, 2], params, num_samples=3,
-                                               adapter=adapters[2])])[0].sequences
+    sequences = engine.generate(
+        [SampleRequest([1, 2], params, num_samples=3, adapter=adapters[2])]
+    )[0].sequences
     assert [(len(s.tokens), len(s.logprobs), s.stop_reason) for s in sequences] == [
         (5, 5, "length")
     ] * 3

@@ -135,24 +135,34 @@ def read_peft_tensors(folder: Path) -> tuple[AdapterTensors, dict[str, Any]]:
     The catalog is the outermost adapter tier: tensors land in host memory, and the engine
     or trainer moves them to its base's device and dtype.
     """
-    config = read_config(folder)
+    files = {}
+    for name in (WEIGHTS_FILE, CONFIG_FILE):
+        try:
+            files[name] = (folder / name).read_bytes()
+        except FileNotFoundError:
+            raise InvalidAdapter([f"{name} is missing in {folder}"]) from None
+    return decode_peft(files[WEIGHTS_FILE], files[CONFIG_FILE], folder)
+
+
+def decode_peft(
+    weights: bytes, config_bytes: bytes, folder: Path
+) -> tuple[AdapterTensors, dict[str, Any]]:
+    """Tensors and config from the two files' bytes; `folder` only names them in errors."""
+    config = decode_config(config_bytes, folder)
     try:
-        flat = load_safetensors((folder / WEIGHTS_FILE).read_bytes())
-    except FileNotFoundError:
-        raise InvalidAdapter([f"{WEIGHTS_FILE} is missing in {folder}"]) from None
+        flat = load_safetensors(weights)
     except SafetensorError as error:
         raise InvalidAdapter([f"{WEIGHTS_FILE} in {folder} is unreadable: {error}"]) from None
-    tensors = split_tensors(flat, int(config["r"]), folder)
-    return tensors, config
+    return split_tensors(flat, int(config["r"]), folder), config
 
 
-def read_config(folder: Path) -> dict[str, Any]:
+def decode_config(data: bytes, folder: Path) -> dict[str, Any]:
     try:
-        config = json.loads((folder / CONFIG_FILE).read_text())
-    except FileNotFoundError:
-        raise InvalidAdapter([f"{CONFIG_FILE} is missing in {folder}"]) from None
+        config = json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise InvalidAdapter([f"{CONFIG_FILE} in {folder} is not JSON: {error}"]) from None
+    if not isinstance(config, dict):
+        raise InvalidAdapter([f"{CONFIG_FILE} in {folder} is not a JSON object"])
     problems = []
     if config.get("peft_type") != "LORA":
         problems.append(f"peft_type is {config.get('peft_type')!r}; only 'LORA' is supported")

@@ -30,8 +30,8 @@ from mint.catalog.peft_io import (
     WEIGHTS_FILE,
     RevisionManifest,
     adapter_digest,
+    decode_peft,
     folder_digest,
-    read_peft_tensors,
     write_peft_folder,
 )
 from mint.catalog.records import CHECKPOINT_KINDS, CheckpointRecord, PolicyRecord, RevisionRecord
@@ -404,7 +404,7 @@ class Catalog:
                 f"revision {revision.number} of policy {revision.policy_id!r}: files in "
                 f"{folder} do not match sha256 {revision.sha256}; the blob store is damaged"
             )
-        tensors, _ = read_peft_tensors(folder)
+        tensors, _ = decode_peft(weights, config, folder)
         return tensors
 
     def get_revision(self, tenant: str, policy_id: str, number: int) -> RevisionRecord:

@@ -75,8 +75,9 @@ def params_problems(base: ResidentBase, params: SamplingParams) -> list[str]:
             "use -1 to turn top-k off"
         )
     seed = params.seed
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)
-                             or not SEED_MIN <= seed <= SEED_MAX):
+    if seed is not None and (
+        isinstance(seed, bool) or not isinstance(seed, int) or not SEED_MIN <= seed <= SEED_MAX
+    ):
         problems.append(
             f"seed {seed!r} is not a 64-bit integer; use an int from {SEED_MIN} to {SEED_MAX} "
             "or no seed"

@@ -100,13 +100,15 @@ class Engine:
     def generate(self, requests: list[SampleRequest]) -> list[SampleResult]:
         """Sample every request; results come back in request order."""
         check_requests(self.base, requests)
-        rows = [row for index, request in enumerate(requests) for row in self._rows(index, request)]
+        per_request = [self._rows(index, request) for index, request in enumerate(requests)]
         # Similar prompt lengths share a batch, so less of each batch is padding.
-        ordered = sorted(rows, key=lambda row: len(row.prompt))
+        ordered = sorted(
+            (row for rows in per_request for row in rows), key=lambda row: len(row.prompt)
+        )
         with torch.inference_mode():
             for start in range(0, len(ordered), self.max_batch_rows):
                 self._run(ordered[start : start + self.max_batch_rows])
-        return [self._result(index, request, rows) for index, request in enumerate(requests)]
+        return [self._result(rows) for rows in per_request]
 
     def _rows(self, index: int, request: SampleRequest) -> list[_Row]:
         params = request.params
@@ -131,13 +133,13 @@ class Engine:
             for sample in range(request.num_samples)
         ]
 
-    def _result(self, index: int, request: SampleRequest, rows: list[_Row]) -> SampleResult:
-        mine = sorted((row for row in rows if row.request == index), key=lambda row: row.sample)
+    def _result(self, rows: list[_Row]) -> SampleResult:
+        """The result of one request from its rows, which are in sample order."""
         sequences = [
             SampledSequence(list(row.tokens), list(row.logprobs), str(row.stop_reason))
-            for row in mine
+            for row in rows
         ]
-        return SampleResult(sequences=sequences, prompt_logprobs=mine[0].prompt_logprobs)
+        return SampleResult(sequences=sequences, prompt_logprobs=rows[0].prompt_logprobs)
 
     def _run(self, rows: list[_Row]) -> None:
         """Decode one batch of rows until every row has stopped.
@@ -161,7 +163,9 @@ class Engine:
             steps += 1
         log.debug(
             "batch done rows=%d adapters=%d steps=%d seconds=%.3f",
-            len(rows), len({row.adapter.key for row in rows if row.adapter}), steps + 1,
+            len(rows),
+            len({row.adapter.key for row in rows if row.adapter}),
+            steps + 1,
             time.monotonic() - started,
         )
 
@@ -185,7 +189,7 @@ class Engine:
                 device,
                 sampling_dtype(self.base.dtype),
             ),
-            cache=DynamicCache(config=self.base.model.config),
+            cache=DynamicCache(config=self.base.model.config),  # type: ignore[arg-type]
         )
         every_position = any(row.wants_prompt_logprobs for row in rows)
         logits = self._forward(batch, ids, positions, every_position)
@@ -230,6 +234,10 @@ class Engine:
         return bindings
 
     def _fill_prompt_logprobs(self, rows: list[_Row], logits: torch.Tensor) -> None:
+        """Known shortcoming: when any row of a batch asks for prompt logprobs, the prefill
+        keeps logits for every position of every row ([rows, prompt, vocab]); on a large
+        vocabulary with long prompts that is gigabytes. Prefilling those requests apart, or
+        in chunks of positions, would lift it."""
         width = logits.shape[1]
         for i, row in enumerate(rows):
             if not row.wants_prompt_logprobs:

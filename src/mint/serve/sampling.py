@@ -75,7 +75,10 @@ def processed_logprobs(logits: torch.Tensor, params: RowParams) -> torch.Tensor:
     vocab = logits.shape[-1]
     greedy = params.temperature == 0
     temperature = torch.where(greedy, torch.ones_like(params.temperature), params.temperature)
-    scaled = logits / temperature.unsqueeze(-1)
+    # Shifting by the row maximum first changes no probability, and keeps a tiny temperature
+    # from overflowing to inf (and the softmax to NaN): the top token stays at 0.
+    shifted = logits - logits.max(dim=-1, keepdim=True).values
+    scaled = shifted / temperature.unsqueeze(-1)
     filter_k = (params.top_k < vocab) & ~greedy
     filter_p = (params.top_p < 1) & ~greedy
     if not bool((filter_k | filter_p).any()):
@@ -122,9 +125,7 @@ def row_seed(seed: int, sample_index: int) -> int:
     return int.from_bytes(digest[:8], "big")
 
 
-def row_generator(
-    seed: int | None, sample_index: int, device: torch.device
-) -> torch.Generator:
+def row_generator(seed: int | None, sample_index: int, device: torch.device) -> torch.Generator:
     """The generator of one sampling row; a None seed draws a fresh one."""
     if seed is None:
         seed = secrets.randbits(64)
