@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import secrets
 import socket
@@ -335,6 +336,9 @@ def run(args: argparse.Namespace, base_url: str, api_key: str, log_dir: Path) ->
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
+    # The SDK logs a warning each time a long poll answers "try again"; a training step
+    # routinely outlasts one poll, so those lines are noise here.
+    logging.getLogger("tinker").setLevel(logging.ERROR)
     log_dir = Path(args.log_dir or f"runs/rl-{time.strftime('%Y%m%d-%H%M%S')}")
     log_dir.mkdir(parents=True, exist_ok=True)
     api_key = os.environ.get("TINKER_API_KEY") or f"tml-{secrets.token_hex(16)}"

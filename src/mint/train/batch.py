@@ -92,6 +92,40 @@ def datum_problems(
     return problems
 
 
+def check_data(
+    data: Sequence[TrainDatum], spec: LossSpec, vocab_size: int, max_length: int
+) -> None:
+    """Raise one `UserError` listing every problem in `data`, or return."""
+    if not data:
+        raise UserError("a forward_backward job needs at least one datum; got none")
+    problems: list[str] = []
+    for index, datum in enumerate(data):
+        problems += datum_problems(index, datum, spec, vocab_size, max_length)
+    if problems:
+        raise UserError(f"{len(problems)} problem(s) in the job's data: " + "; ".join(problems))
+
+
+def micro_batches(data: Sequence[TrainDatum], token_budget: int) -> list[list[TrainDatum]]:
+    """Split `data`, in order, into runs whose padded size stays within `token_budget`.
+
+    Activation memory grows with the padded batch size, so a large job runs as several
+    passes whose gradients add up; a datum longer than the budget gets a pass of its own.
+    """
+    runs: list[list[TrainDatum]] = []
+    current: list[TrainDatum] = []
+    longest = 0
+    for datum in data:
+        length = len(datum.input_tokens)
+        if current and (len(current) + 1) * max(longest, length) > token_budget:
+            runs.append(current)
+            current, longest = [], 0
+        current.append(datum)
+        longest = max(longest, length)
+    if current:
+        runs.append(current)
+    return runs
+
+
 def collate(
     data: Sequence[TrainDatum],
     spec: LossSpec,
@@ -100,13 +134,7 @@ def collate(
     device: torch.device,
 ) -> Batch:
     """Validate all datums (one error lists every problem), then pad them into one batch."""
-    if not data:
-        raise UserError("a forward_backward job needs at least one datum; got none")
-    problems: list[str] = []
-    for index, datum in enumerate(data):
-        problems += datum_problems(index, datum, spec, vocab_size, max_length)
-    if problems:
-        raise UserError(f"{len(problems)} problem(s) in the job's data: " + "; ".join(problems))
+    check_data(data, spec, vocab_size, max_length)
     lengths = [len(datum.input_tokens) for datum in data]
     shape = (len(data), max(lengths))
     input_ids = np.full(shape, PAD_ID, dtype=np.int64)

@@ -15,12 +15,13 @@ from collections import OrderedDict
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from mint.errors import Conflict, InvalidAdapter, NotFound, UserError
 from mint.models.base import ResidentBase
 from mint.models.lora import AdapterTensors, BoundAdapter, LoraSignature, bound, init_adapter
 from mint.train import state as saved_form
-from mint.train.batch import Batch, collate
+from mint.train.batch import Batch, check_data, collate, micro_batches
 from mint.train.losses import loss_spec, resolve_config
 from mint.train.optimizer import adamw_step_, clip_, global_grad_norm
 from mint.train.state import HOST, PolicyState
@@ -32,14 +33,26 @@ log = logging.getLogger(__name__)
 class Trainer:
     """Training state for many policies over one `ResidentBase`."""
 
-    def __init__(self, base: ResidentBase, max_live_policies: int = 4) -> None:
+    def __init__(
+        self,
+        base: ResidentBase,
+        max_live_policies: int = 4,
+        pass_token_budget: int = 2048,
+        unembed_chunk_tokens: int = 2048,
+    ) -> None:
         if max_live_policies < 1:
             raise UserError(
                 f"max_live_policies={max_live_policies} must be at least 1; "
                 "it bounds how many policies' training state sits on the device"
             )
+        if pass_token_budget < 1 or unembed_chunk_tokens < 1:
+            raise UserError("pass_token_budget and unembed_chunk_tokens must be positive")
         self.base = base
         self.max_live_policies = max_live_policies
+        #: Padded tokens per forward/backward pass; bigger jobs run as several passes.
+        self.pass_token_budget = pass_token_budget
+        #: Tokens per slice of the unembedding, recomputed in backward (see _target_logprobs).
+        self.unembed_chunk_tokens = unembed_chunk_tokens
         self._policies: dict[str, PolicyState] = {}
         # Policies whose state is on the base's device, least recently used first.
         self._live: OrderedDict[str, None] = OrderedDict()
@@ -104,14 +117,20 @@ class Trainer:
         spec = loss_spec(loss_fn)
         config = resolve_config(loss_fn, spec, loss_fn_config)
         base = self.base
-        batch = collate(data, spec, base.vocab_size, base.max_context_length, base.device)
+        check_data(data, spec, base.vocab_size, base.max_context_length)
         state = self._swap_in(policy_id)
-        with torch.set_grad_enabled(not forward_only):
-            logprobs = self._target_logprobs(state, batch)
-            elementwise = torch.where(batch.mask, spec.compute(logprobs, batch.inputs, config), 0.0)
-            if not forward_only:
-                elementwise.sum().backward()
-        return _result(batch, logprobs.detach(), elementwise.detach())
+        results = []
+        # Losses are sums over datums, so passes over parts of the job add up exactly.
+        for part in micro_batches(data, self.pass_token_budget):
+            batch = collate(part, spec, base.vocab_size, base.max_context_length, base.device)
+            with torch.set_grad_enabled(not forward_only):
+                logprobs = self._target_logprobs(state, batch)
+                computed = spec.compute(logprobs, batch.inputs, config)
+                elementwise = torch.where(batch.mask, computed, 0.0)
+                if not forward_only:
+                    elementwise.sum().backward()
+            results.append(_result(batch, logprobs.detach(), elementwise.detach()))
+        return _merge(results)
 
     def optim_step(self, policy_id: str, params: AdamParams) -> dict[str, float]:
         """One AdamW step on the accumulated gradients, which are then zeroed."""
@@ -217,13 +236,29 @@ class Trainer:
     def _target_logprobs(self, state: PolicyState, batch: Batch) -> torch.Tensor:
         """Logprob of each target under the policy, full softmax in float32: [B, T]."""
         adapter = BoundAdapter(state.adapter(self.base.dtype), state.signature.scale)
+        model = self.base.model
         with bound(self.base.binding, [adapter]):
-            logits = self.base.model(
+            hidden = model.get_decoder()(  # type: ignore[operator]
                 input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
-            ).logits
-        flat = logits.float().flatten(0, 1)
-        losses = F.cross_entropy(flat, batch.targets.flatten(), reduction="none")
-        return -losses.view_as(batch.targets)
+            ).last_hidden_state
+        # Only real tokens reach the unembedding; it runs in slices that are recomputed in
+        # backward, so full-vocabulary logits never exist for the whole batch at once.
+        unembed = model.get_output_embeddings()  # type: ignore[operator]
+        real = hidden[batch.mask]
+        targets = batch.targets[batch.mask]
+        step = self.unembed_chunk_tokens
+        recompute = torch.is_grad_enabled() and len(real) > step
+        parts = [
+            _slice_logprobs(unembed, real[i : i + step], targets[i : i + step])
+            if not recompute
+            else checkpoint(
+                _slice_logprobs, unembed, real[i : i + step], targets[i : i + step],
+                use_reentrant=False,
+            )
+            for i in range(0, len(real), step)
+        ]
+        logprobs = torch.zeros(batch.targets.shape, dtype=torch.float32, device=hidden.device)
+        return logprobs.masked_scatter(batch.mask, torch.cat(parts))
 
     def _missing_targets(self, signature: LoraSignature) -> list[str]:
         present = {path.rsplit(".", 1)[-1] for path in self.base.layers}
@@ -247,6 +282,22 @@ class Trainer:
             if metadata.get(key) != ours:
                 problems.append(f"{key} is {metadata.get(key)!r}, this trainer's base has {ours!r}")
         return problems
+
+
+def _slice_logprobs(
+    unembed: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor
+) -> torch.Tensor:
+    """Logprob of each target in a slice of hidden states, full softmax in float32."""
+    logits = unembed(hidden).float()
+    return -F.cross_entropy(logits, targets, reduction="none")
+
+
+def _merge(results: list[ForwardBackwardResult]) -> ForwardBackwardResult:
+    outputs = [output for result in results for output in result.outputs]
+    metrics = {
+        key: sum(result.metrics[key] for result in results) for key in results[0].metrics
+    }
+    return ForwardBackwardResult(outputs=outputs, metrics=metrics)
 
 
 def _host_copy(tensor: torch.Tensor) -> torch.Tensor:
