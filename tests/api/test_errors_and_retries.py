@@ -6,9 +6,8 @@ import httpx
 import numpy as np
 import pytest
 import tinker
-from tinker.proto import tinker_public_pb2 as pb
-
 from tests.api.conftest import API_KEY, OTHER_KEY, TINY, LiveServer
+from tinker.proto import tinker_public_pb2 as pb
 
 HEADERS = {"X-API-Key": API_KEY}
 
@@ -18,16 +17,18 @@ def _post(server: LiveServer, path: str, **kwargs: object) -> httpx.Response:
 
 
 def _session(server: LiveServer, key: str = API_KEY) -> str:
-    answer = _post(server, "create_session", json={"tags": [], "user_metadata": {}},
-                   headers={"X-API-Key": key})
+    answer = _post(
+        server, "create_session", json={"tags": [], "user_metadata": {}}, headers={"X-API-Key": key}
+    )
     assert answer.status_code == 200
     return str(answer.json()["session_id"])
 
 
 def _result(server: LiveServer, request_id: str, key: str = API_KEY) -> httpx.Response:
     for _ in range(20):
-        answer = _post(server, "retrieve_future", json={"request_id": request_id},
-                       headers={"X-API-Key": key})
+        answer = _post(
+            server, "retrieve_future", json={"request_id": request_id}, headers={"X-API-Key": key}
+        )
         if answer.headers["content-type"].startswith("application/json"):
             if answer.json().get("type") == "try_again":
                 continue
@@ -36,8 +37,12 @@ def _result(server: LiveServer, request_id: str, key: str = API_KEY) -> httpx.Re
 
 
 def _create_model(server: LiveServer, session: str, seq: int, seed: int = 0) -> str:
-    body = {"session_id": session, "model_seq_id": seq, "base_model": TINY,
-            "lora_config": {"rank": 2, "seed": seed}}
+    body = {
+        "session_id": session,
+        "model_seq_id": seq,
+        "base_model": TINY,
+        "lora_config": {"rank": 2, "seed": seed},
+    }
     answer = _post(server, "create_model", json=body, headers=HEADERS)
     assert answer.status_code == 200, answer.text
     done = _result(server, answer.json()["request_id"]).json()
@@ -48,8 +53,9 @@ def _fwdbwd_body(model_id: str, seq_id: int) -> bytes:
     message = pb.ForwardBackwardRequest(model_id=model_id, seq_id=seq_id, loss_fn="cross_entropy")
     datum = message.data.add()
     datum.model_input.add().encoded_text.tokens = np.arange(30, 38, dtype=np.int32).tobytes()
-    target = pb.Tensor(dense=np.arange(31, 39, dtype=np.int64).tobytes(),
-                       dtype=pb.DTYPE_INT64, shape=[8])
+    target = pb.Tensor(
+        dense=np.arange(31, 39, dtype=np.int64).tobytes(), dtype=pb.DTYPE_INT64, shape=[8]
+    )
     datum.loss_fn_inputs["target_tokens"].CopyFrom(target)
     return message.SerializeToString()
 
@@ -66,8 +72,12 @@ def test_missing_api_key_is_401_and_server_keeps_serving(live_server: LiveServer
 
 def test_unknown_base_is_404_naming_known_bases(live_server: LiveServer) -> None:
     session = _session(live_server)
-    body = {"session_id": session, "model_seq_id": 0, "base_model": "acme/NoSuchModel-7B",
-            "lora_config": {"rank": 4}}
+    body = {
+        "session_id": session,
+        "model_seq_id": 0,
+        "base_model": "acme/NoSuchModel-7B",
+        "lora_config": {"rank": 4},
+    }
     answer = _post(live_server, "create_model", json=body, headers=HEADERS)
     assert answer.status_code == 404
     assert answer.json()["code"] == "unknown_base"
@@ -100,14 +110,19 @@ def test_retried_forward_backward_is_applied_once(live_server: LiveServer) -> No
     norms = {}
     for model_id, sends in ((once, 1), (twice, 2)):
         ids = {
-            _post(live_server, "forward_backward", content=_fwdbwd_body(model_id, 1),
-                  headers=headers).json()["request_id"]
+            _post(
+                live_server, "forward_backward", content=_fwdbwd_body(model_id, 1), headers=headers
+            ).json()["request_id"]
             for _ in range(sends)
         }
         assert len(ids) == 1  # the replay answers with the first request's future
         _result(live_server, ids.pop())
-        step = _post(live_server, "optim_step", headers=HEADERS, json={
-            "model_id": model_id, "seq_id": 2, "adam_params": {"learning_rate": 0.1}})
+        step = _post(
+            live_server,
+            "optim_step",
+            headers=HEADERS,
+            json={"model_id": model_id, "seq_id": 2, "adam_params": {"learning_rate": 0.1}},
+        )
         norms[model_id] = _result(live_server, step.json()["request_id"]).json()["metrics"]
     assert norms[once]["grad_norm:mean"] == norms[twice]["grad_norm:mean"]
 
@@ -127,10 +142,15 @@ def test_out_of_order_chunks_run_in_seq_order(live_server: LiveServer) -> None:
     training = client.create_lora_training_client(base_model=TINY, rank=2).result()
     headers = {**HEADERS, "Content-Type": "application/x-protobuf"}
     # seq 2 (an optim_step) arrives before seq 1 (its forward_backward): it must wait.
-    step = _post(live_server, "optim_step", headers=HEADERS, json={
-        "model_id": training.model_id, "seq_id": 2, "adam_params": {"learning_rate": 0.1}})
-    fb = _post(live_server, "forward_backward", content=_fwdbwd_body(training.model_id, 1),
-               headers=headers)
+    step = _post(
+        live_server,
+        "optim_step",
+        headers=HEADERS,
+        json={"model_id": training.model_id, "seq_id": 2, "adam_params": {"learning_rate": 0.1}},
+    )
+    fb = _post(
+        live_server, "forward_backward", content=_fwdbwd_body(training.model_id, 1), headers=headers
+    )
     _result(live_server, fb.json()["request_id"])
     metrics = _result(live_server, step.json()["request_id"]).json()["metrics"]
     assert metrics["grad_norm:mean"] > 0  # the step saw the gradient of seq 1

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import tinker
+from tests.api.conftest import API_KEY, TINY, LiveServer
 from tinker import types
 from typer.testing import CliRunner
 
 from mint.cli import app
-from tests.api.conftest import API_KEY, TINY, LiveServer
 
 TARGET = [60, 61, 62, 63, 64, 65, 66, 67, 68, 69, 70, 71]
 
@@ -44,11 +44,13 @@ def test_rollback_serves_the_older_revision_again(live_server: LiveServer) -> No
     shown = runner.invoke(app, ["policy", "show", run, "--tenant", "alpha"], env=env)
     assert shown.exit_code == 0, shown.output
     assert "before" in shown.output and "after" in shown.output
-    rolled = runner.invoke(app, ["policy", "rollback", run, "--to", "1", "--tenant", "alpha"],
-                           env=env)
+    rolled = runner.invoke(
+        app, ["policy", "rollback", run, "--to", "1", "--tenant", "alpha"], env=env
+    )
     assert rolled.exit_code == 0, rolled.output
     assert _greedy(client, latest) == before
-    forward = runner.invoke(app, ["policy", "rollback", run, "--to", "2", "--tenant", "alpha"],
-                            env=env)
+    forward = runner.invoke(
+        app, ["policy", "rollback", run, "--to", "2", "--tenant", "alpha"], env=env
+    )
     assert forward.exit_code == 0, forward.output
     assert _greedy(client, latest) == after

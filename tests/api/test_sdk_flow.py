@@ -5,9 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tinker
-from tinker import types
-
 from tests.api.conftest import API_KEY, TINY, LiveServer
+from tinker import types
 
 
 def _datum(tokens: list[int]) -> types.Datum:

@@ -28,8 +28,10 @@ def test_split_job_matches_single_pass(tiny_base: ResidentBase) -> None:
     assert split.metrics["loss:sum"] == pytest.approx(whole.metrics["loss:sum"], rel=1e-5)
     for one, other in zip(whole.outputs, split.outputs, strict=True):
         torch.testing.assert_close(
-            torch.from_numpy(other["logprobs"]), torch.from_numpy(one["logprobs"]),
-            rtol=1e-6, atol=1e-5,  # tiny-base logprobs reach -60: fp32 rounding
+            torch.from_numpy(other["logprobs"]),
+            torch.from_numpy(one["logprobs"]),
+            rtol=1e-6,
+            atol=1e-5,  # tiny-base logprobs reach -60: fp32 rounding
         )
     for path, (grad_a, grad_b) in grads[0].items():
         other_a, other_b = grads[1][path]

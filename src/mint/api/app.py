@@ -4,7 +4,6 @@ Submitting calls answer at once with a request id; `retrieve_future` long-polls 
 Every route except health and capabilities needs an `X-API-Key` that maps to a tenant.
 """
 
-
 import asyncio
 import logging
 from datetime import UTC, datetime

@@ -252,7 +252,10 @@ class Trainer:
             _slice_logprobs(unembed, real[i : i + step], targets[i : i + step])
             if not recompute
             else checkpoint(
-                _slice_logprobs, unembed, real[i : i + step], targets[i : i + step],
+                _slice_logprobs,
+                unembed,
+                real[i : i + step],
+                targets[i : i + step],
                 use_reentrant=False,
             )
             for i in range(0, len(real), step)
@@ -294,9 +297,7 @@ def _slice_logprobs(
 
 def _merge(results: list[ForwardBackwardResult]) -> ForwardBackwardResult:
     outputs = [output for result in results for output in result.outputs]
-    metrics = {
-        key: sum(result.metrics[key] for result in results) for key in results[0].metrics
-    }
+    metrics = {key: sum(result.metrics[key] for result in results) for key in results[0].metrics}
     return ForwardBackwardResult(outputs=outputs, metrics=metrics)
 
 
