@@ -29,9 +29,11 @@ def _result(server: LiveServer, request_id: str, key: str = API_KEY) -> httpx.Re
         answer = _post(
             server, "retrieve_future", json={"request_id": request_id}, headers={"X-API-Key": key}
         )
-        if answer.headers["content-type"].startswith("application/json"):
-            if answer.json().get("type") == "try_again":
-                continue
+        pending = answer.headers["content-type"].startswith("application/json") and (
+            answer.json().get("type") == "try_again"
+        )
+        if pending:
+            continue
         return answer
     raise AssertionError(f"{request_id} never finished")
 

@@ -235,26 +235,21 @@ def print_results(
         table.add_row(name, f"{value * 100:.1f}%", delta)
     console.print(table)
     catalog = Table(
-        "policy",
-        "run id",
-        "checkpoint",
-        "type",
-        "bytes",
-        "time",
-        title="Catalog (as the Tinker REST API lists it)",
+        "policy", "checkpoint", "type", "MB", "time", title="Catalog (Tinker checkpoint listing)"
     )
     for policy in policies:
         listing = rest.list_checkpoints(policy.run_id).result()
         for checkpoint in listing.checkpoints:
             catalog.add_row(
                 policy.name,
-                policy.run_id,
                 checkpoint.checkpoint_id,
                 checkpoint.checkpoint_type,
-                str(checkpoint.size_bytes),
+                f"{(checkpoint.size_bytes or 0) / 1e6:.1f}",
                 checkpoint.time.strftime("%H:%M:%S"),
             )
     console.print(catalog)
+    for policy in policies:
+        console.print(f"{policy.name}: training run {policy.run_id}")
 
 
 def run(args: argparse.Namespace, base_url: str, api_key: str, log_dir: Path) -> int:
@@ -298,10 +293,9 @@ def run(args: argparse.Namespace, base_url: str, api_key: str, log_dir: Path) ->
                 metrics_file.write(json.dumps(row) + "\n")
                 metrics_file.flush()
                 progress.console.print(
-                    f"step {row['step']:>2} {row['policy']} lr={row['learning_rate']:g} "
-                    f"reward={row['reward_mean']:.3f} groups_with_signal="
-                    f"{row['groups_with_signal']} grad_norm={row['grad_norm']:.3g} "
-                    f"({row['step_seconds']:.1f}s)"
+                    f"step {row['step']:>2} {row['policy']} reward {row['reward_mean']:.3f} "
+                    f"signal {row['groups_with_signal']}/{args.problems} "
+                    f"grad {row['grad_norm']:.3g} {row['step_seconds']:.0f}s"
                 )
             progress.advance(task)
     samplers = {"base": service.create_sampling_client(base_model=args.base_model).result()}
