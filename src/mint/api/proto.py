@@ -68,10 +68,10 @@ def _tensor_to_numpy(name: str, tensor: pb.Tensor) -> np.ndarray:
 def _csr_to_dense(csr: pb.SparseCsr, np_dtype: type, shape: tuple[int, ...]) -> np.ndarray:
     if len(shape) != 2:
         raise ValueError("a sparse CSR tensor needs a 2-D shape")
-    values = np.frombuffer(csr.values, dtype=np_dtype)
+    values: np.ndarray = np.frombuffer(csr.values, dtype=np_dtype)
     rows = np.frombuffer(csr.crow_indices, dtype=np.int64)
     cols = np.frombuffer(csr.col_indices, dtype=np.int64)
-    dense = np.zeros(shape, dtype=np_dtype)
+    dense: np.ndarray = np.zeros(shape, dtype=np_dtype)
     for row in range(shape[0]):
         start, end = int(rows[row]), int(rows[row + 1])
         dense[row, cols[start:end]] = values[start:end]
@@ -120,8 +120,10 @@ def decode_forward_backward(body: bytes, content_encoding: str | None) -> Forwar
     )
 
 
-def _batched(arrays: list[np.ndarray], np_dtype: type, pb_dtype: int) -> pb.BatchedTensor:
-    parts = [np.ascontiguousarray(a, dtype=np_dtype) for a in arrays]
+def _batched(
+    arrays: list[np.ndarray], np_dtype: type, pb_dtype: pb.DType.ValueType
+) -> pb.BatchedTensor:
+    parts: list[np.ndarray] = [np.ascontiguousarray(a, dtype=np_dtype) for a in arrays]
     offsets = np.zeros(len(parts) + 1, dtype=np.int64)
     offsets[1:] = np.cumsum([p.nbytes for p in parts])
     trailing = list(parts[0].shape[1:]) if parts and parts[0].ndim > 1 else []

@@ -340,7 +340,7 @@ class Service:
                 f"with save_state (tinker://<run>/weights/<name>)"
             )
         payload = self.catalog.read_training_state(tenant, source.policy_id, source.name)
-        answer = {"path": path, "type": "load_weights"}
+        answer: dict[str, object] = {"path": path, "type": "load_weights"}
         if model_id is not None:
 
             def run(trainer: Trainer) -> Result:

@@ -6,6 +6,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -42,14 +43,15 @@ class ResidentBase:
 
     @property
     def eos_token_ids(self) -> list[int]:
-        ids = self.model.config.eos_token_id  # type: ignore[union-attr]
+        ids: Any = self.model.config.eos_token_id  # type: ignore[union-attr]
         if ids is None:
             return []
         return list(ids) if isinstance(ids, (list, tuple)) else [int(ids)]
 
     @property
     def vocab_size(self) -> int:
-        return int(self.model.config.vocab_size)  # type: ignore[union-attr]
+        size: Any = self.model.config.vocab_size  # type: ignore[union-attr]
+        return int(size)
 
     def shapes(
         self, signature: LoraSignature
@@ -70,7 +72,7 @@ def load_base(
     folder = ensure_base(name, bases_dir)
     record = read_base_record(folder)
     started = time.monotonic()
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype(dtype))
+    model: Any = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype(dtype))
     model.to(device)
     model.eval()
     for parameter in model.parameters():

@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from mint.recipes.arithmetic import (
     Problem,
     held_out_problems,
@@ -134,9 +136,13 @@ def build_datum(prompt: list[int], sequence: Any, advantage: float) -> Any:
     return types.Datum(
         model_input=types.ModelInput.from_ints(full[:-1]),
         loss_fn_inputs={
-            "target_tokens": full[1:],
-            "logprobs": [0.0] * prompt_positions + list(sequence.logprobs),
-            "advantages": [0.0] * prompt_positions + [advantage] * len(reply),
+            "target_tokens": types.TensorData.from_numpy(np.asarray(full[1:], dtype=np.int64)),
+            "logprobs": types.TensorData.from_numpy(
+                np.asarray([0.0] * prompt_positions + list(sequence.logprobs), dtype=np.float32)
+            ),
+            "advantages": types.TensorData.from_numpy(
+                np.asarray([0.0] * prompt_positions + [advantage] * len(reply), dtype=np.float32)
+            ),
         },
     )
 
@@ -164,7 +170,9 @@ def grpo_step(
     sampled_s = time.monotonic() - started
     pending = []
     for policy, responses in zip(policies, samples, strict=True):
-        data, rewards, mixed = [], [], 0
+        data: list[Any] = []
+        rewards: list[float] = []
+        mixed = 0
         for prompt, problem, response in zip(prompts, problems, responses, strict=True):
             texts = [
                 tokenizer.decode(s.tokens, skip_special_tokens=True) for s in response.sequences
