@@ -77,6 +77,10 @@ class Service:
         self._clients: dict[str, TrainingClient] = {}
         self._sample_replays: dict[tuple[str, int], tuple[JobFuture, list[str]]] = {}
         self._control_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="control")
+        # Creation futures by model id: a replayed create_model or create-via-load (same
+        # session and model_seq_id) answers with the first future instead of a conflict.
+        self._creations: dict[str, JobFuture] = {}
+        self._creations_lock = threading.Lock()
 
     # ----------------------------------------------------------------- bases and workers
     def worker(self, base_name: str) -> BaseWorker:
@@ -183,8 +187,18 @@ class Service:
             log.info("policy %s created on %s (rank %d)", model_id, base.base_id, signature.rank)
             return JsonResult({"model_id": model_id, "type": "create_model"})
 
-        future = self._in_background(tenant, "create_model", work)
-        return future
+        return self._create_once(tenant, model_id, "create_model", work)
+
+    def _create_once(
+        self, tenant: str, model_id: str, kind: str, work: Callable[[], Result]
+    ) -> JobFuture:
+        with self._creations_lock:
+            first = self._creations.get(model_id)
+            if first is not None and first.tenant == tenant:
+                return first
+            future = self._in_background(tenant, kind, work)
+            self._creations[model_id] = future
+            return future
 
     def _register_client(self, session: Session, model_id: str, base_id: str) -> None:
         self._clients[model_id] = TrainingClient(model_id, session.tenant, base_id)
@@ -392,7 +406,7 @@ class Service:
             self._register_client(session, new_id, base.base_id)
             return JsonResult({**answer, "model_id": new_id})
 
-        return self._in_background(tenant, "load_weights", work)
+        return self._create_once(tenant, new_id, "load_weights", work)
 
     # ------------------------------------------------------------------------ sampling
     def create_sampler(
