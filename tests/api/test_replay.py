@@ -17,12 +17,12 @@ from typing import Any
 import pytest
 import tinker
 import uvicorn
+from tests.api.conftest import API_KEY, TINY
 from tinker import types
 
 from mint.api.app import create_app
 from mint.config import Settings
 from mint.control.service import Service
-from tests.api.conftest import API_KEY, TINY
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
