@@ -18,7 +18,7 @@ from mint.api import wire
 from mint.api.proto import decode_forward_backward
 from mint.catalog.records import CheckpointRecord, PolicyRecord
 from mint.control.futures import JobFuture, JsonResult, ProtoResult
-from mint.control.paths import SEGMENT_BY_KIND, CheckpointPath
+from mint.control.paths import SEGMENT_BY_KIND, CheckpointPath, parse_checkpoint_path
 from mint.control.service import Service
 from mint.errors import (
     AuthenticationFailed,
@@ -27,6 +27,7 @@ from mint.errors import (
     UserError,
     http_status_for,
 )
+from mint.models.lora import ATTENTION_TARGETS, MLP_TARGETS
 from mint.serve.types import SampleRequest, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -405,6 +406,37 @@ def add_rest_routes(app: FastAPI, service: Service, Tenant: Any) -> None:
         return {
             "checkpoints": [checkpoint_json(r) for r in records],
             "cursor": {"offset": offset, "limit": limit, "total_count": total},
+        }
+
+    @app.get("/api/v1/sessions")
+    async def list_sessions(tenant: Tenant, limit: int = 20, offset: int = 0) -> dict[str, Any]:
+        sessions = service.sessions.list(tenant)[offset : offset + limit]
+        return {"sessions": [s.session_id for s in sessions]}
+
+    @app.get("/api/v1/sessions/{session_id}")
+    async def get_session(session_id: str, tenant: Tenant) -> dict[str, Any]:
+        session = service.sessions.get(tenant, session_id)
+        return {
+            "training_run_ids": list(session.model_ids),
+            "sampler_ids": list(session.sampler_ids),
+            "user_metadata": session.user_metadata or None,
+        }
+
+    @app.post("/api/v1/weights_info")
+    async def weights_info(body: wire.WeightsInfo, tenant: Tenant) -> dict[str, Any]:
+        path = parse_checkpoint_path(body.tinker_path)
+        policy = service.catalog.get_policy(tenant, path.policy_id)
+        if path.kind == "sampler":
+            service.catalog.resolve(tenant, path.policy_id, path.name)
+        else:
+            service.catalog.read_training_state(tenant, path.policy_id, path.name)
+        return {
+            "base_model": policy.base_id,
+            "is_lora": True,
+            "lora_rank": policy.rank,
+            "train_attn": bool(set(policy.target_modules) & set(ATTENTION_TARGETS)),
+            "train_mlp": bool(set(policy.target_modules) & set(MLP_TARGETS)),
+            "train_unembed": False,
         }
 
     @app.delete("/api/v1/training_runs/{run_id}/checkpoints/{segment}/{name}")

@@ -106,3 +106,7 @@ class RetrieveFuture(Lenient):
 
 class CheckpointTtl(Lenient):
     ttl_seconds: int | None = None
+
+
+class WeightsInfo(Lenient):
+    tinker_path: str

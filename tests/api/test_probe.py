@@ -1,0 +1,31 @@
+"""The conformance probe against a live server: every public SDK method gets a verdict."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from tests.api.conftest import API_KEY, TINY, LiveServer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
+import tinker_probe  # noqa: E402
+
+
+def test_probe_reports_every_public_method(live_server: LiveServer, tmp_path: Path) -> None:
+    report = tinker_probe.probe(live_server.url, API_KEY, TINY)
+    methods = [o.method for o in report.outcomes]
+    assert methods and sorted(methods) == sorted(tinker_probe.public_methods())
+    assert len(methods) == len(set(methods))
+    unsupported = [o for o in report.outcomes if not o.supported]
+    assert all(o.reason for o in unsupported)
+    # The core flow the server implements must always be among the supported methods.
+    core = {
+        "ServiceClient.create_lora_training_client", "TrainingClient.forward_backward",
+        "TrainingClient.optim_step", "TrainingClient.save_state",
+        "TrainingClient.save_weights_for_sampler", "SamplingClient.sample",
+        "SamplingClient.compute_logprobs", "RestClient.list_checkpoints",
+        "ServiceClient.create_training_client_from_state_with_optimizer",
+    }
+    supported = {o.method for o in report.outcomes if o.supported}
+    assert core <= supported, core - supported
+    (tmp_path / "report.md").write_text(report.markdown())
