@@ -79,6 +79,13 @@ class Busy(MintError):
         self.retry_after_s = retry_after_s
 
 
+class RequestLost(MintError):
+    """A job's result is gone (the server restarted); the SDK resubmits samples on this."""
+
+    code = "request_lost"
+    category = "server"
+
+
 class JobFailed(MintError, RuntimeError):
     code = "job_failed"
 
@@ -95,6 +102,7 @@ HTTP_STATUS_BY_CODE: dict[str, int] = {
     "conflict": 409,
     "alias_in_use": 409,
     "busy": 429,
+    "request_lost": 410,
     "job_failed": 500,
     "internal": 500,
 }

@@ -157,7 +157,7 @@ def test_cross_tenant_requests_find_nothing(live_server: LiveServer, owned: Owne
         "tinker://sess-000000000000:train:0/weights/iso-state",
         "tinker://sess-000000000000:train:0/sampler_weights/iso-rev",
         "sess-000000000000:sample:77",
-        "req-0-00000",
+        f"req-{live_server.service.futures.boot_id}-99999999",
     )
     ghosts = _attacks(ghost)
     renames = [(getattr(ghost, f), getattr(owned, f)) for f in vars(owned)]

@@ -410,7 +410,7 @@ def add_rest_routes(app: FastAPI, service: Service, Tenant: Any) -> None:
 
     @app.get("/api/v1/sessions")
     async def list_sessions(tenant: Tenant, limit: int = 20, offset: int = 0) -> dict[str, Any]:
-        sessions = service.sessions.list(tenant)[offset : offset + limit]
+        sessions = service.sessions.owned_by(tenant)[offset : offset + limit]
         return {"sessions": [s.session_id for s in sessions]}
 
     @app.get("/api/v1/sessions/{session_id}")

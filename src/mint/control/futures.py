@@ -9,11 +9,12 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import itertools
+import secrets
 import threading
 import time
 from dataclasses import dataclass, field
 
-from mint.errors import MintError, NotFound
+from mint.errors import MintError, NotFound, RequestLost
 
 
 @dataclass(frozen=True)
@@ -74,11 +75,14 @@ class FutureTable:
         self._lock = threading.Lock()
         self._counter = itertools.count(1)
         self._keep_done_s = keep_done_s
+        # Request ids carry the server's boot id, so a poll for a request made before a
+        # restart can be told apart from a made-up id and answered "lost", not "not found".
+        self.boot_id = secrets.token_hex(4)
 
     def create(self, tenant: str, kind: str) -> JobFuture:
         with self._lock:
             self._expire_locked()
-            request_id = f"req-{next(self._counter)}-{int(time.time() * 1000) % 100000}"
+            request_id = f"req-{self.boot_id}-{next(self._counter)}"
             future = JobFuture(request_id=request_id, tenant=tenant, kind=kind)
             self._futures[request_id] = future
             return future
@@ -86,12 +90,21 @@ class FutureTable:
     def get(self, tenant: str, request_id: str) -> JobFuture:
         with self._lock:
             future = self._futures.get(request_id)
+        if future is None and self._from_earlier_boot(request_id):
+            raise RequestLost(
+                f"request {request_id!r} was made before the server restarted and its result "
+                f"is lost; submit it again (saved checkpoints and revisions are intact)"
+            )
         if future is None or future.tenant != tenant:
             raise NotFound(
                 f"no future {request_id!r}; request ids come from the answer of the submitting "
                 f"call and are kept for {self._keep_done_s:.0f}s after completion"
             )
         return future
+
+    def _from_earlier_boot(self, request_id: str) -> bool:
+        parts = request_id.split("-")
+        return len(parts) == 3 and parts[0] == "req" and parts[1] != self.boot_id
 
     def _expire_locked(self) -> None:
         horizon = time.time() - self._keep_done_s

@@ -7,6 +7,7 @@ they run in `seq_id` order and a replayed seq_id is applied once.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from collections import OrderedDict
@@ -81,6 +82,7 @@ class Service:
         # session and model_seq_id) answers with the first future instead of a conflict.
         self._creations: dict[str, JobFuture] = {}
         self._creations_lock = threading.Lock()
+        self._stopped = threading.Event()
 
     # ----------------------------------------------------------------- bases and workers
     def worker(self, base_name: str) -> BaseWorker:
@@ -104,7 +106,21 @@ class Service:
 
         return list(KNOWN_BASES)
 
+    def start_housekeeping(self, interval_s: float = 15.0) -> None:
+        """Reap idle sessions and release stalled seq gaps periodically, on a daemon thread."""
+
+        def loop() -> None:
+            while not self._stopped.wait(interval_s):
+                try:
+                    self.reap_idle_sessions()
+                    self.gate.release_stalled()
+                except Exception:  # housekeeping must never die; the next round retries
+                    log.exception("housekeeping round failed")
+
+        threading.Thread(target=loop, name="housekeeping", daemon=True).start()
+
     def close(self) -> None:
+        self._stopped.set()
         for worker in list(self._workers.values()):
             worker.stop()
         self._control_pool.shutdown(wait=False, cancel_futures=True)
@@ -120,6 +136,30 @@ class Service:
     def finish_session(self, tenant: str, session_id: str) -> None:
         session = self.sessions.get(tenant, session_id)
         session.finished = True
+
+    def reap_idle_sessions(self, now: float | None = None) -> list[str]:
+        """Finish sessions without a heartbeat for `session_timeout_s` and free what they
+        hold in memory: their policies' live training state and their samplers. Saved
+        training states and revisions stay in the catalog."""
+        reaped = []
+        for session in self.sessions.idle(self.settings.session_timeout_s, now):
+            session.finished = True
+            for model_id in session.model_ids:
+                client = self._clients.pop(model_id, None)
+                self.gate.forget_client(model_id)
+                if client is not None and client.base_id in self._workers:
+                    done = self.futures.create(session.tenant, "drop_policy")
+                    self._workers[client.base_id].submit_train(
+                        TrainJob(done, functools.partial(_dropped, model_id=model_id))
+                    )
+            self.sessions.drop_samplers(session)
+            reaped.append(session.session_id)
+            log.info(
+                "session %s reaped after %.0fs without a heartbeat",
+                session.session_id,
+                self.settings.session_timeout_s,
+            )
+        return reaped
 
     # ------------------------------------------------------------------- job plumbing
     def _in_background(self, tenant: str, kind: str, work: Callable[[], Result]) -> JobFuture:
@@ -509,6 +549,12 @@ def _signature_from(lora_config: dict[str, object], user_metadata: dict[str, str
 
 def _created(trainer: Trainer, model_id: str, signature: LoraSignature, seed: int) -> Result:
     trainer.create_policy(model_id, signature, seed)
+    return JsonResult({})
+
+
+def _dropped(trainer: Trainer, *, model_id: str) -> Result:
+    if trainer.has_policy(model_id):
+        trainer.drop_policy(model_id)
     return JsonResult({})
 
 

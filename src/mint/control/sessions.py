@@ -70,9 +70,22 @@ class SessionTable:
         session.last_heartbeat = time.time()
         return session
 
-    def list(self, tenant: str) -> list[Session]:
+    def owned_by(self, tenant: str) -> list[Session]:
         with self._lock:
             return [s for s in self._sessions.values() if s.tenant == tenant]
+
+    def idle(self, timeout_s: float, now: float | None = None) -> list[Session]:
+        """Unfinished sessions whose last heartbeat is older than `timeout_s`."""
+        horizon = (time.time() if now is None else now) - timeout_s
+        with self._lock:
+            return [
+                s for s in self._sessions.values() if not s.finished and s.last_heartbeat < horizon
+            ]
+
+    def drop_samplers(self, session: Session) -> None:
+        with self._lock:
+            for sampler_id in session.sampler_ids:
+                self._samplers.pop(sampler_id, None)
 
     def add_sampler(self, sampler: Sampler, session: Session | None) -> None:
         with self._lock:
