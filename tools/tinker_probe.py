@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import inspect
 import json
 import os
@@ -24,10 +25,14 @@ from typing import Any
 import tinker
 from tinker import types
 
+CALL_TIMEOUT_S = 45.0
 CLASSES = ("ServiceClient", "TrainingClient", "SamplingClient", "RestClient")
 # Destructive calls run last, in this order, on throwaway resources.
-LAST = ("RestClient.delete_checkpoint", "RestClient.delete_checkpoint_from_tinker_path",
-        "ServiceClient.close")
+LAST = (
+    "RestClient.delete_checkpoint",
+    "RestClient.delete_checkpoint_from_tinker_path",
+    "ServiceClient.close",
+)
 
 
 @dataclass
@@ -59,7 +64,10 @@ class Context:
         return types.ModelInput.from_ints([5, 6, 7])
 
     def throwaway_sampler_path(self) -> str:
-        return str(self.training.save_weights_for_sampler(self.fresh_name("gone")).result().path)
+        """A revision no alias points at (a newer export moves `latest` past it)."""
+        doomed = self.training.save_weights_for_sampler(self.fresh_name("gone")).result().path
+        self.training.save_weights_for_sampler(self.fresh_name("keep")).result()
+        return str(doomed)
 
 
 Call = tuple[tuple[Any, ...], dict[str, Any]]
@@ -113,14 +121,17 @@ RECIPES: dict[str, Callable[[Context], Call]] = {
     "SamplingClient.get_telemetry": lambda c: ((), {}),
     "SamplingClient.get_tokenizer": lambda c: ((), {}),
     "SamplingClient.on_queue_state_change": lambda c: (("active", None), {}),
-    "SamplingClient.sample": (
-        lambda c: ((c.prompt(), 1, types.SamplingParams(max_tokens=2)), {})
-    ),
+    "SamplingClient.sample": (lambda c: ((c.prompt(), 1, types.SamplingParams(max_tokens=2)), {})),
     "RestClient.assign_session_project": lambda c: ((c.session_id, "probe-project"), {}),
     "RestClient.copy_weights": lambda c: ((c.sampler_path,), {}),
     "RestClient.delete_checkpoint": (
-        lambda c: ((c.training.model_id, "sampler_weights/" + c.throwaway_sampler_path()
-                    .rsplit("/", 1)[-1]), {})
+        lambda c: (
+            (
+                c.training.model_id,
+                "sampler_weights/" + c.throwaway_sampler_path().rsplit("/", 1)[-1],
+            ),
+            {},
+        )
     ),
     "RestClient.delete_checkpoint_from_tinker_path": lambda c: ((c.throwaway_sampler_path(),), {}),
     "RestClient.export_session_trace": lambda c: ((c.session_id,), {}),
@@ -193,8 +204,10 @@ def public_methods() -> list[str]:
 def _resolve(value: Any) -> Any:
     """Wait for whatever a call returned: a coroutine, an SDK future, or a plain value."""
     if inspect.isawaitable(value) and not hasattr(value, "result"):
+
         async def wait() -> Any:
             return await value
+
         value = asyncio.run(wait())
     if hasattr(value, "result") and callable(value.result):
         value = value.result(timeout=120)
@@ -214,8 +227,12 @@ def setup(ctx: Context) -> None:
 
 
 def target(ctx: Context, class_name: str) -> Any:
-    return {"ServiceClient": ctx.service, "TrainingClient": ctx.training,
-            "SamplingClient": ctx.sampler, "RestClient": ctx.rest}[class_name]
+    return {
+        "ServiceClient": ctx.service,
+        "TrainingClient": ctx.training,
+        "SamplingClient": ctx.sampler,
+        "RestClient": ctx.rest,
+    }[class_name]
 
 
 def call(ctx: Context, method: str) -> Outcome:
@@ -223,14 +240,27 @@ def call(ctx: Context, method: str) -> Outcome:
     recipe = RECIPES.get(method) or RECIPES.get(method.removesuffix("_async"))
     if recipe is None:
         return Outcome(method, False, "the probe has no call recipe for this method")
-    try:
+
+    def attempt() -> None:
         args, kwargs = recipe(ctx)
-        owner = getattr(tinker, class_name) if name in ("create", "from_sampler_handle") else (
-            target(ctx, class_name)
+        owner = (
+            getattr(tinker, class_name)
+            if name in ("create", "from_sampler_handle")
+            else (target(ctx, class_name))
         )
         _resolve(getattr(owner, name)(*args, **kwargs))
+
+    # A call the SDK keeps retrying must not stall the probe: it is reported as timed out.
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+    running = pool.submit(attempt)
+    try:
+        running.result(timeout=CALL_TIMEOUT_S)
+    except concurrent.futures.TimeoutError:
+        return Outcome(method, False, f"no answer within {CALL_TIMEOUT_S:.0f}s")
     except Exception as error:  # the report records every failure, whatever its kind
         return Outcome(method, False, f"{type(error).__name__}: {error}")
+    finally:
+        pool.shutdown(wait=False)  # a stuck call is abandoned, not joined
     return Outcome(method, True)
 
 

@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from mint.cli_catalog import alias_app, gc, print_revisions, revision_app
 from mint.config import Settings
 from mint.errors import MintError
 
@@ -17,11 +18,12 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 models_app = typer.Typer(no_args_is_help=True, help="Base models.")
 tenant_app = typer.Typer(no_args_is_help=True, help="Tenants and their API keys.")
 policy_app = typer.Typer(no_args_is_help=True, help="Policies in the catalog.")
-revision_app = typer.Typer(no_args_is_help=True, help="Revisions of a policy.")
 app.add_typer(models_app, name="models")
 app.add_typer(tenant_app, name="tenant")
 app.add_typer(policy_app, name="policy")
 app.add_typer(revision_app, name="revision")
+app.add_typer(alias_app, name="alias")
+app.command("gc")(gc)
 console = Console()
 
 TenantOption = Annotated[str, typer.Option(help="Tenant that owns the policy.")]
@@ -121,25 +123,7 @@ def policy_show(policy: str, tenant: TenantOption = "default") -> None:
         f"policy {record.policy_id} on {record.base_id} ({record.base_fingerprint[:12]}), "
         f"rank {record.rank}, alpha {record.alpha:g}, targets {','.join(record.target_modules)}"
     )
-    _print_revisions(catalog, tenant, policy)
-
-
-def _print_revisions(catalog, tenant: str, policy: str) -> None:  # type: ignore[no-untyped-def]
-    revisions, _ = catalog.list_revisions(tenant, policy, limit=1000, offset=0)
-    by_number: dict[int, list[str]] = {}
-    for alias, number in catalog.aliases(tenant, policy).items():
-        by_number.setdefault(number, []).append(alias)
-    table = Table("revision", "name", "step", "parent", "sha256", "aliases")
-    for rev in revisions:
-        table.add_row(
-            str(rev.number),
-            rev.name,
-            str(rev.step),
-            "-" if rev.parent_number is None else str(rev.parent_number),
-            rev.sha256[:12],
-            ", ".join(sorted(by_number.get(rev.number, []))),
-        )
-    console.print(table)
+    print_revisions(catalog, tenant, policy)
 
 
 @policy_app.command("rollback")
@@ -153,12 +137,6 @@ def policy_rollback(
     catalog = _catalog()
     catalog.rollback(tenant, policy, to, alias=alias)
     console.print(f"{policy}: {alias} -> revision {to}")
-
-
-@revision_app.command("list")
-def revision_list(policy: str, tenant: TenantOption = "default") -> None:
-    """Revisions of POLICY."""
-    _print_revisions(_catalog(), tenant, policy)
 
 
 @app.command("rl", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

@@ -33,6 +33,10 @@ class Settings:
     torch_threads: int = field(default_factory=lambda: int(os.environ.get("MINT_THREADS", "0")))
     #: Sessions without a heartbeat for this long are reaped.
     session_timeout_s: float = 300.0
+    #: A client's job waits at most this long for an earlier seq_id that never arrives.
+    seq_gap_timeout_s: float = 30.0
+    #: How often idle sessions are reaped and seq gaps checked.
+    housekeeping_interval_s: float = 2.0
 
     def __post_init__(self) -> None:
         self.home = Path(self.home).expanduser()

@@ -49,7 +49,7 @@ def test_cli_lists_inspects_expires_and_deletes(live_server: LiveServer) -> None
     assert models.returncode == 0, models.stderr
     assert TINY in models.stdout
 
-    runs = _cli(live_server, "run", "list")
+    runs = _cli(live_server, "run", "list", "--limit", "0")
     assert runs.returncode == 0, runs.stderr
     assert run in runs.stdout
     info = _cli(live_server, "run", "info", run)

@@ -17,8 +17,18 @@ from pathlib import Path
 import pytest
 import torch
 
+from mint.catalog.records import RevisionRecord
+from mint.catalog.store import Catalog
 from mint.models.base import ResidentBase, load_base
-from mint.models.lora import ATTENTION_TARGETS, BoundAdapter, LoraSignature, bound, init_adapter
+from mint.models.lora import (
+    ATTENTION_TARGETS,
+    MLP_TARGETS,
+    AdapterTensors,
+    BoundAdapter,
+    LoraSignature,
+    bound,
+    init_adapter,
+)
 from mint.serve import AdapterRef, Engine
 
 TOLERANCE = {torch.float64: 1e-5, torch.float32: 1e-4}
@@ -96,3 +106,40 @@ def forward_logits(base: ResidentBase) -> ForwardLogits:
             return base.model(input_ids=ids).logits[0].double()
 
     return run
+
+
+class Revisions:
+    """Exports seeded random revisions of tiny-base policies into a real catalog."""
+
+    def __init__(self, catalog: Catalog, base: ResidentBase) -> None:
+        self.catalog = catalog
+        self.base = base
+        self._policies: set[str] = set()
+
+    def export(
+        self, policy: str, seed: int, rank: int = 4, targets: tuple[str, ...] | None = None
+    ) -> RevisionRecord:
+        signature = LoraSignature(rank, 2.0 * rank, targets or ATTENTION_TARGETS + MLP_TARGETS)
+        if policy not in self._policies:
+            self.catalog.create_policy(
+                "acme", policy, self.base.base_id, self.base.fingerprint, signature
+            )
+            self._policies.add(policy)
+        tensors = random_adapter(self.base, policy, seed, signature).tensors
+        return self.catalog.export_revision("acme", policy, None, tensors, step=seed)
+
+    def export_tensors(self, policy: str, tensors: AdapterTensors, rank: int) -> RevisionRecord:
+        signature = LoraSignature(rank, 2.0 * rank)
+        self.catalog.create_policy(
+            "acme", policy, self.base.base_id, self.base.fingerprint, signature
+        )
+        return self.catalog.export_revision("acme", policy, None, tensors, step=0)
+
+
+@pytest.fixture
+def revisions(tmp_path: Path, tiny_base: ResidentBase) -> Iterator[Revisions]:
+    catalog = Catalog(f"sqlite:///{tmp_path / 'catalog.db'}", tmp_path / "blobs")
+    catalog.ensure_tenant("acme")
+    catalog.record_base(tiny_base.base_id, tiny_base.fingerprint)
+    yield Revisions(catalog, tiny_base)
+    catalog.close()

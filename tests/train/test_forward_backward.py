@@ -109,11 +109,11 @@ def test_forward_only_touches_no_gradient(warm: Trainer) -> None:
 
 def test_unknown_loss_names_the_supported_ones(warm: Trainer) -> None:
     with pytest.raises(UnsupportedLoss) as caught:
-        warm.forward_backward("p", make_data(8, [3]), "ppo")
+        warm.forward_backward("p", make_data(8, [3]), "stable_reinforce")
     assert caught.value.code == "unsupported_loss"
     assert str(caught.value) == (
-        "loss function 'ppo' is not supported by this trainer; "
-        "use one of: cross_entropy, importance_sampling"
+        "loss function 'stable_reinforce' is not supported by this trainer; "
+        "use one of: cispo, cross_entropy, dro, gspo, importance_sampling, ppo"
     )
 
 

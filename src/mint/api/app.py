@@ -15,6 +15,9 @@ from fastapi.responses import JSONResponse, Response
 
 from mint import __version__
 from mint.api import wire
+from mint.api.catalog_routes import add_catalog_routes
+from mint.api.metrics import add_metrics_route
+from mint.api.openai_routes import add_openai_routes
 from mint.api.proto import decode_forward_backward
 from mint.catalog.records import CheckpointRecord, PolicyRecord
 from mint.control.futures import JobFuture, JsonResult, ProtoResult
@@ -33,6 +36,7 @@ from mint.serve.types import SampleRequest, SamplingParams
 log = logging.getLogger(__name__)
 
 PROTO = "application/x-protobuf"
+TINKER_PREFIX = "/api/v1/"
 DEFAULT_MAX_TOKENS = 128
 
 
@@ -45,11 +49,17 @@ def create_app(service: Service) -> FastAPI:
     app.state.service = service
 
     @app.exception_handler(MintError)
-    async def on_mint_error(_: Request, error: MintError) -> JSONResponse:
+    async def on_mint_error(request: Request, error: MintError) -> JSONResponse:
         headers = {"x-should-retry": "true" if error.code == "busy" else "false"}
         if error.code == "busy":
             headers["Retry-After"] = str(max(1, round(getattr(error, "retry_after_s", 1))))
-        return JSONResponse(error_body(error), http_status_for(error), headers=headers)
+        status = http_status_for(error)
+        if status == 409 and request.url.path.startswith(TINKER_PREFIX):
+            # The tinker SDK retries every 409 for five minutes whatever the headers say, so
+            # a conflict that retrying cannot fix (an alias still points at the revision)
+            # answers 400 on the Tinker routes; the body keeps the precise error code.
+            status = 400
+        return JSONResponse(error_body(error), status, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def on_bad_body(_: Request, error: RequestValidationError) -> JSONResponse:
@@ -59,11 +69,17 @@ def create_app(service: Service) -> FastAPI:
         wrapped = MalformedRequest(f"request body does not match the Tinker API: {problems}")
         return JSONResponse(error_body(wrapped), 400, headers={"x-should-retry": "false"})
 
-    def tenant_of(x_api_key: Annotated[str | None, Header()] = None) -> str:
+    def tenant_of(
+        x_api_key: Annotated[str | None, Header()] = None,
+        authorization: Annotated[str | None, Header()] = None,
+    ) -> str:
+        # OpenAI clients send the key as `Authorization: Bearer tml-...`.
+        if not x_api_key and authorization and authorization.lower().startswith("bearer "):
+            x_api_key = authorization[len("bearer ") :].strip()
         if not x_api_key:
             raise AuthenticationFailed(
-                "missing X-API-Key header; set TINKER_API_KEY to a key made with "
-                "`mint tenant add NAME --key tml-...`"
+                "missing X-API-Key header (or Authorization: Bearer); set TINKER_API_KEY to a "
+                "key made with `mint tenant add NAME --key tml-...`"
             )
         tenant = service.catalog.tenant_for_key(x_api_key)
         if tenant is None:
@@ -79,6 +95,9 @@ def create_app(service: Service) -> FastAPI:
     add_sampling_routes(app, service, Tenant)
     add_future_routes(app, service, Tenant)
     add_rest_routes(app, service, Tenant)
+    add_catalog_routes(app, service, Tenant)
+    add_openai_routes(app, service, Tenant)
+    add_metrics_route(app, service)
     return app
 
 
@@ -189,9 +208,13 @@ def add_training_routes(app: FastAPI, service: Service, Tenant: Any) -> None:
     @app.post("/api/v1/optim_step")
     async def optim_step(body: wire.OptimStep, tenant: Tenant) -> dict[str, Any]:
         if body.adam_params is None:
-            raise UserError(
+            refusal = UserError(
                 "optim_step without adam_params: this server implements Adam only; pass AdamParams"
             )
+            future = await asyncio.to_thread(
+                service.refuse_in_order, tenant, body.model_id, body.seq_id, "optim_step", refusal
+            )
+            return submitted(future, model_id=body.model_id)
         future = await asyncio.to_thread(
             service.optim_step, tenant, body.model_id, body.seq_id, body.adam_params
         )
@@ -222,6 +245,22 @@ def add_training_routes(app: FastAPI, service: Service, Tenant: Any) -> None:
             body.sampling_session_seq_id,
             body.ttl_seconds,
             body.user_metadata,
+        )
+        return submitted(future, model_id=body.model_id)
+
+    @app.post("/api/v1/save_weights_external")
+    async def save_weights_external(body: wire.SaveWeights, tenant: Tenant) -> dict[str, Any]:
+        refusal = UserError(
+            "save_weights_external is not supported: mint exports revisions in PEFT layout; "
+            "use save_weights_for_sampler and `mint revision export` to copy the files out"
+        )
+        future = await asyncio.to_thread(
+            service.refuse_in_order,
+            tenant,
+            body.model_id,
+            body.seq_id,
+            "save_weights_external",
+            refusal,
         )
         return submitted(future, model_id=body.model_id)
 

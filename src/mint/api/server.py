@@ -55,7 +55,6 @@ def serve(settings: Settings, host: str, port: int) -> None:
         torch.set_num_threads(settings.torch_threads)
     service = Service(settings)
     seed_tenants(service.catalog, settings)
-    service.start_housekeeping()
     for name in settings.preload_bases:
         service.worker(name)
     app = create_app(service)

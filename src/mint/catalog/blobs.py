@@ -2,8 +2,10 @@
 
 Every write is atomic: bytes go to a fresh name under `tmp/`, are fsynced (file and folder),
 then renamed to their final, content-addressed key. A crash leaves at most an orphan under
-`tmp/` or an unreferenced final blob, never a torn one; a garbage collector (not written yet)
-sweeps both. Paths go through fsspec's local filesystem so an object-store backend can take
+`tmp/` or an unreferenced final blob, never a torn one; `Catalog.collect_garbage` sweeps both
+once they are older than its grace period. A write that finds its key present already
+refreshes the blob's modification time, so a collector never takes a blob that a record is
+about to name. Paths go through fsspec's local filesystem so an object-store backend can take
 its place; known shortcoming: rename and fsync are local-disk operations, so an S3 backend
 will need its own publish step (a PUT is atomic per object, which replaces the rename).
 """
@@ -14,7 +16,9 @@ import errno
 import hashlib
 import logging
 import os
+import shutil
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import fsspec
@@ -87,6 +91,7 @@ class BlobStore:
             if error.errno not in (errno.EEXIST, errno.ENOTEMPTY):
                 raise
             self.discard(staged)
+            os.utime(final)  # young again: the record naming it commits next
             log.debug("blob %s exists already; staged copy dropped", key)
             return False
         fsync_folder(final.parent)
@@ -97,6 +102,7 @@ class BlobStore:
         digest = sha256_hex(data)
         key = f"{prefix}/{digest}"
         if self.exists(key):
+            os.utime(self.path(key))  # young again: the record naming it commits next
             return key, digest
         staged = self.root / "tmp" / uuid.uuid4().hex
         try:
@@ -107,3 +113,32 @@ class BlobStore:
                 staged.unlink()
         fsync_folder(self.path(key).parent)
         return key, digest
+
+    def listing(self, prefix: str) -> list[BlobEntry]:
+        """Every entry directly under `prefix/` (`revisions`, `states` or `tmp`)."""
+        entries = []
+        for child in sorted((self.root / prefix).iterdir()):
+            stat = child.stat()
+            size = stat.st_size
+            if child.is_dir():
+                size = sum(item.stat().st_size for item in child.rglob("*") if item.is_file())
+            entries.append(BlobEntry(f"{prefix}/{child.name}", stat.st_mtime, size))
+        return entries
+
+    def remove(self, key: str) -> None:
+        """Delete blob (file or folder) `key`; a folder goes in one rename, then is removed,
+        so a crash never leaves a partial folder under its final name."""
+        path = self.path(key)
+        if path.is_dir():
+            doomed = self.root / "tmp" / f"gc-{uuid.uuid4().hex}"
+            os.rename(path, doomed)
+            shutil.rmtree(doomed)
+        elif path.exists():
+            path.unlink()
+
+
+@dataclass(frozen=True)
+class BlobEntry:
+    key: str
+    modified: float
+    size_bytes: int

@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -46,9 +47,16 @@ KEY_PATTERN = re.compile(
 )
 
 
-def encode_config(signature: LoraSignature, base_id: str) -> bytes:
-    """adapter_config.json bytes; sorted keys and fixed indent make them deterministic."""
-    config = {
+def encode_config(
+    signature: LoraSignature, base_id: str, extra: Mapping[str, Any] | None = None
+) -> bytes:
+    """adapter_config.json bytes; sorted keys and fixed indent make them deterministic.
+
+    `extra` holds fields an imported config carried that mint does not write itself; they
+    are kept as they were, and mint's own fields win over them.
+    """
+    config: dict[str, Any] = dict(extra or {})
+    config |= {
         "base_model_name_or_path": base_id,
         "bias": "none",
         "fan_in_fan_out": False,
@@ -95,13 +103,17 @@ def folder_digest(folder: Path) -> tuple[str, int]:
 
 
 def write_peft_folder(
-    folder: Path, tensors: AdapterTensors, signature: LoraSignature, base_id: str
+    folder: Path,
+    tensors: AdapterTensors,
+    signature: LoraSignature,
+    base_id: str,
+    config_extra: Mapping[str, Any] | None = None,
 ) -> None:
     """Write the two PEFT files into the existing `folder`, each fsynced, then the folder."""
     check_tensors(tensors, signature)
     fs = fsspec.filesystem("file")
     write_durable(fs, folder / WEIGHTS_FILE, encode_weights(tensors))
-    write_durable(fs, folder / CONFIG_FILE, encode_config(signature, base_id))
+    write_durable(fs, folder / CONFIG_FILE, encode_config(signature, base_id, config_extra))
     fsync_folder(folder)
 
 

@@ -6,9 +6,9 @@ after the session is gone and to pass between threads.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Literal
+from typing import Any, Literal
 
 #: The two kinds of Tinker checkpoint the catalog keeps: a saved training state
 #: (`weights`) and an exported revision (`sampler_weights`).
@@ -70,3 +70,5 @@ class RevisionRecord:
     created_at: datetime
     #: The folder holding adapter_config.json, adapter_model.safetensors, mint_revision.json.
     blob_path: str
+    #: mint_revision.json fields a newer mint wrote, kept and written back on export.
+    manifest_extra: dict[str, Any] = field(default_factory=dict)

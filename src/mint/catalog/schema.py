@@ -1,8 +1,8 @@
 """The catalog's SQL tables (SQLAlchemy 2 ORM), kept portable between SQLite and PostgreSQL.
 
-Tables are created with `metadata.create_all` for now; schema changes after the first release
-go through Alembic migrations instead (not written yet), so never edit a column in place here
-without adding one.
+The database schema comes from the Alembic migrations in `migrations/versions/`, never from
+`create_all`: a change here needs a new migration beside it, and a test checks that the
+migrated schema equals this metadata.
 """
 
 from __future__ import annotations
@@ -151,6 +151,8 @@ class RevisionRow(Base):
     expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True, index=True)
     user_metadata: Mapped[dict[str, str]] = mapped_column(JSON)
     deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    #: mint_revision.json fields this version does not know (migration 0002).
+    manifest_extra: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
 
 
 class AliasRow(Base):

@@ -9,21 +9,25 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Iterator
+import os
+import shutil
+import uuid
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Integer, String, cast, func, literal, null, select, union_all
+from sqlalchemy import Integer, String, cast, func, insert, literal, null, select, union_all
 from sqlalchemy.engine import Row
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.sql.selectable import CompoundSelect
 
-from mint.catalog import rules
+from mint.catalog import gc, paging, rules
 from mint.catalog.blobs import BlobStore, fsync_folder, sha256_hex, write_durable
 from mint.catalog.engine import WRITE_OPTION, make_engine
+from mint.catalog.migrate import upgrade_to_head
 from mint.catalog.peft_io import (
     CONFIG_FILE,
     MANIFEST_FILE,
@@ -38,7 +42,6 @@ from mint.catalog.records import CHECKPOINT_KINDS, CheckpointRecord, PolicyRecor
 from mint.catalog.schema import (
     AliasRow,
     ApiKeyRow,
-    Base,
     BaseRow,
     PolicyRow,
     RevisionRow,
@@ -46,6 +49,7 @@ from mint.catalog.schema import (
     TrainingStateRow,
     utc_now,
 )
+from mint.catalog.validate import AdaptableBase, validate_adapter
 from mint.errors import (
     AliasInUse,
     Conflict,
@@ -69,9 +73,7 @@ class Catalog:
 
     def __init__(self, url: str, blobs_dir: Path) -> None:
         self.engine = make_engine(url)
-        # Known shortcoming: tables come from create_all; Alembic migrations replace this
-        # once the schema has shipped.
-        Base.metadata.create_all(self.engine)
+        upgrade_to_head(self.engine)
         self._reads = sessionmaker(bind=self.engine, expire_on_commit=False)
         self._writes = sessionmaker(
             bind=self.engine.execution_options(**{WRITE_OPTION: True}), expire_on_commit=False
@@ -215,6 +217,23 @@ class Catalog:
             )
             return [_policy_record(row, tenant) for row in rows], total
 
+    def policy_page(
+        self, tenant: str, page_size: int = 100, page_token: str | None = None
+    ) -> tuple[list[PolicyRecord], str | None]:
+        """One page of the tenant's policies in creation order, and the next page's token."""
+        paging.check_page_size(page_size)
+        after = paging.decode_token(page_token, "policies")
+        query = select(PolicyRow).join(TenantRow).where(TenantRow.name == tenant)
+        if after is not None:
+            query = query.where(PolicyRow.id > after)
+        with self._reading() as session:
+            rows = list(session.scalars(query.order_by(PolicyRow.id).limit(page_size + 1)))
+            records = [_policy_record(row, tenant) for row in rows[:page_size]]
+            more = len(rows) > page_size
+            return records, paging.encode_token(
+                "policies", rows[page_size - 1].id
+            ) if more else None
+
     def touch_policy(self, tenant: str, policy_id: str) -> None:
         with self._writing() as session:
             _policy_row(session, tenant, policy_id).last_request_at = utc_now()
@@ -304,24 +323,154 @@ class Catalog:
         staged = self.blobs.stage_folder()
         try:
             write_peft_folder(staged, tensors, signature, policy.base_id)
-            digest, size = folder_digest(staged)
-            for attempt in range(1, EXPORT_ATTEMPTS + 1):
-                try:
-                    record = self._commit_revision(
-                        tenant, policy_id, name, staged, digest, size, step, ttl_seconds, metadata
-                    )
-                    break
-                except IntegrityError:
-                    if attempt == EXPORT_ATTEMPTS:
-                        raise
-                    log.debug("policy=%s revision number taken; retry %d", policy_id, attempt)
+            record = self._register_staged(
+                tenant, policy_id, name, staged, step, ttl_seconds, metadata, {}
+            )
         finally:
             self.blobs.discard(staged)
         log.info(
             "revision %d (%s) of policy %s exported: sha256 %s, %d bytes, parent %s",
-            record.number, record.name, policy_id, digest[:12], size, record.parent_number,
+            record.number, record.name, policy_id, record.sha256[:12], record.size_bytes,
+            record.parent_number,
         )  # fmt: skip
         return record
+
+    def import_revision(
+        self,
+        tenant: str,
+        policy_id: str,
+        folder: Path,
+        base: AdaptableBase,
+        name: str | None = None,
+        step: int = 0,
+        max_rank: int | None = None,
+        ttl_seconds: int | None = None,
+        user_metadata: dict[str, str] | None = None,
+    ) -> RevisionRecord:
+        """Import an outside PEFT adapter folder as the policy's next revision.
+
+        The folder is validated against the policy's signature and `base` (the policy's
+        resident base, which supplies module shapes and the vocabulary), reporting every
+        problem in one `InvalidAdapter`. Weights are re-encoded in mint's layout (float32,
+        sorted keys), config fields mint does not know are kept, and so are unknown
+        mint_revision.json fields. Then it is committed exactly like an export.
+        """
+        if name is not None:
+            rules.check_checkpoint_name(name, "sampler")
+        rules.check_step(step)
+        rules.check_ttl(ttl_seconds)
+        metadata = rules.check_metadata(user_metadata)
+        policy = self.get_policy(tenant, policy_id)
+        adapter = validate_adapter(Path(folder), base, policy, max_rank)
+        signature = LoraSignature(policy.rank, policy.alpha, policy.target_modules)
+        staged = self.blobs.stage_folder()
+        try:
+            write_peft_folder(staged, adapter.tensors, signature, policy.base_id,
+                              adapter.config_extra)  # fmt: skip
+            record = self._register_staged(
+                tenant, policy_id, name, staged, step, ttl_seconds, metadata,
+                adapter.manifest_extra,
+            )  # fmt: skip
+        finally:
+            self.blobs.discard(staged)
+        log.info(
+            "revision %d (%s) of policy %s imported from %s: sha256 %s",
+            record.number, record.name, policy_id, folder, record.sha256[:12],
+        )  # fmt: skip
+        return record
+
+    def _register_staged(
+        self,
+        tenant: str,
+        policy_id: str,
+        name: str | None,
+        staged: Path,
+        step: int,
+        ttl_seconds: int | None,
+        metadata: dict[str, str],
+        manifest_extra: dict[str, Any],
+    ) -> RevisionRecord:
+        """Hash a staged PEFT folder and commit it as the next revision, retrying numbers."""
+        digest, size = folder_digest(staged)
+        for attempt in range(1, EXPORT_ATTEMPTS + 1):
+            try:
+                return self._commit_revision(
+                    tenant, policy_id, name, staged, digest, size, step, ttl_seconds,
+                    metadata, manifest_extra,
+                )  # fmt: skip
+            except IntegrityError:
+                if attempt == EXPORT_ATTEMPTS:
+                    raise
+                log.debug("policy=%s revision number taken; retry %d", policy_id, attempt)
+        raise AssertionError("unreachable: the last attempt re-raises")
+
+    def register_copies(
+        self, tenant: str, policy_id: str, source_number: int, steps: Sequence[int]
+    ) -> list[int]:
+        """Bulk path: add one revision per step, all with revision `source_number`'s bytes.
+
+        No bytes are written (the blob exists and is content-addressed); the new revisions
+        form a chain after `latest`, which ends on the last one. One transaction for all of
+        them, so a catalog can be filled with many revisions at database speed.
+        """
+        for step in steps:
+            rules.check_step(step)
+        with self._writing() as session:
+            policy = _policy_row(session, tenant, policy_id, lock=True)
+            source = _revision_row(session, policy, source_number)
+            highest = session.scalar(
+                select(func.max(RevisionRow.number)).where(RevisionRow.policy_pk == policy.id)
+            )
+            latest = session.get(AliasRow, (policy.id, LATEST))
+            parent, first, now = latest.number if latest else None, (highest or 0) + 1, utc_now()
+            rows = []
+            for offset, step in enumerate(steps):
+                number = first + offset
+                rows.append(_copy_fields(source, number, parent, step, now))
+                parent = number
+            if rows:
+                session.execute(insert(RevisionRow), rows)
+                _point_alias(session, policy.id, LATEST, rows[-1]["number"], now)
+        log.info("policy %s: %d revisions registered from revision %d", policy_id, len(rows),
+                 source_number)  # fmt: skip
+        return [row["number"] for row in rows]
+
+    def export_folder(
+        self, tenant: str, policy_id: str, ref: str | None, destination: Path
+    ) -> RevisionRecord:
+        """Copy revision `ref` (see `resolve`) to the new folder `destination`.
+
+        The adapter files are checked against the revision's sha256 first; the manifest is
+        written from the catalog record (the authority on lineage), not copied from the
+        shared blob folder. The copy is staged beside `destination` and renamed into place.
+        """
+        revision = self.resolve(tenant, policy_id, ref)
+        destination = Path(destination)
+        if destination.exists():
+            raise Conflict(
+                f"export destination {destination} exists already; name a folder that does "
+                "not exist yet"
+            )
+        weights, config = _read_adapter_files(Path(revision.blob_path))
+        if adapter_digest(weights, config) != revision.sha256:
+            raise _damaged(revision, Path(revision.blob_path))
+        staged = destination.parent / f".{destination.name}.{uuid.uuid4().hex}.tmp"
+        staged.mkdir(parents=True)
+        try:
+            for file_name, data in (
+                (WEIGHTS_FILE, weights),
+                (CONFIG_FILE, config),
+                (MANIFEST_FILE, _manifest_of(revision).to_bytes()),
+            ):
+                write_durable(self.blobs.fs, staged / file_name, data)
+            fsync_folder(staged)
+            os.rename(staged, destination)
+        finally:
+            if staged.exists():
+                shutil.rmtree(staged)
+        fsync_folder(destination.parent)
+        log.info("revision %d of policy %s copied to %s", revision.number, policy_id, destination)
+        return revision
 
     def _commit_revision(
         self,
@@ -334,6 +483,7 @@ class Catalog:
         step: int,
         ttl_seconds: int | None,
         metadata: dict[str, str],
+        manifest_extra: dict[str, Any],
     ) -> RevisionRecord:
         with self._writing() as session:
             policy = _policy_row(session, tenant, policy_id, lock=True)
@@ -362,6 +512,7 @@ class Catalog:
                 created_at=now,
                 expires_at=_expiry(now, ttl_seconds),
                 user_metadata=metadata,
+                manifest_extra=manifest_extra or None,
             )
             self._publish(staged, row, policy_id)
             session.add(row)
@@ -390,6 +541,7 @@ class Catalog:
             created_at=row.created_at,
             sha256=row.sha256,
             size_bytes=row.size_bytes,
+            extra=dict(row.manifest_extra or {}),
         )
         write_durable(self.blobs.fs, staged / MANIFEST_FILE, manifest.to_bytes())
         fsync_folder(staged)
@@ -400,10 +552,7 @@ class Catalog:
         folder = Path(revision.blob_path)
         weights, config = _read_adapter_files(folder)
         if adapter_digest(weights, config) != revision.sha256:
-            raise MintError(
-                f"revision {revision.number} of policy {revision.policy_id!r}: files in "
-                f"{folder} do not match sha256 {revision.sha256}; the blob store is damaged"
-            )
+            raise _damaged(revision, folder)
         tensors, _ = decode_peft(weights, config, folder)
         return tensors
 
@@ -439,6 +588,25 @@ class Catalog:
             total = session.scalar(select(func.count()).select_from(live.subquery())) or 0
             rows = session.scalars(live.order_by(RevisionRow.number).limit(limit).offset(offset))
             return [_revision_record(row, tenant, policy_id, self.blobs) for row in rows], total
+
+    def revision_page(
+        self, tenant: str, policy_id: str, page_size: int = 100, page_token: str | None = None
+    ) -> tuple[list[RevisionRecord], str | None]:
+        """One page of a policy's live revisions by number, and the next page's token."""
+        paging.check_page_size(page_size)
+        after = paging.decode_token(page_token, "revisions")
+        with self._reading() as session:
+            policy = _policy_row(session, tenant, policy_id)
+            query = select(RevisionRow).where(
+                RevisionRow.policy_pk == policy.id, RevisionRow.deleted_at.is_(None)
+            )
+            if after is not None:
+                query = query.where(RevisionRow.number > after)
+            rows = list(session.scalars(query.order_by(RevisionRow.number).limit(page_size + 1)))
+            records = [_revision_record(r, tenant, policy_id, self.blobs) for r in rows]
+        if len(records) <= page_size:
+            return records, None
+        return records[:page_size], paging.encode_token("revisions", records[page_size - 1].number)
 
     # -- aliases -------------------------------------------------------------------------
 
@@ -530,6 +698,32 @@ class Catalog:
             if row is None:
                 raise _checkpoint_missing(kind, name, policy_id)
             row.expires_at = _expiry(utc_now(), ttl_seconds)
+
+    # -- garbage collection --------------------------------------------------------------
+
+    def collect_garbage(
+        self, now: datetime | None = None, grace_s: float = gc.DEFAULT_GRACE_S
+    ) -> gc.GcReport:
+        """Delete expired checkpoints, unreferenced blobs and crash leftovers (see `gc`).
+
+        `now` defaults to the current time; blobs and staging entries younger than
+        `grace_s` seconds at `now` are left alone.
+        """
+        moment = utc_now() if now is None else now
+        with self._writing() as session:
+            states, revisions, kept = gc.expire_checkpoints(session, moment)
+        with self._reading() as session:
+            referenced = gc.referenced_keys(session)
+        deleted, staging, freed, missing = gc.sweep_blobs(self.blobs, referenced, moment, grace_s)
+        report = gc.GcReport(states, revisions, kept, deleted, staging, freed, missing)
+        log.info(
+            "garbage collected: %d expired states, %d expired revisions (%d kept by aliases), "
+            "%d blobs, %d staging entries, %d bytes freed",
+            len(states), len(revisions), len(kept), len(deleted), len(staging), freed,
+        )  # fmt: skip
+        if missing:
+            log.warning("records name %d missing blobs: %s", len(missing), missing[:5])
+        return report
 
 
 # -- lookups (inside a session) ----------------------------------------------------------
@@ -754,6 +948,53 @@ def _check_kind(kind: str) -> None:
         raise UserError(f"checkpoint kind {kind!r} is unknown; use one of {list(CHECKPOINT_KINDS)}")
 
 
+def _copy_fields(
+    source: RevisionRow, number: int, parent: int | None, step: int, now: datetime
+) -> dict[str, Any]:
+    """Column values for a new revision sharing `source`'s bytes and signature."""
+    return {
+        "policy_pk": source.policy_pk,
+        "number": number,
+        "name": f"rev-{number}",
+        "sha256": source.sha256,
+        "size_bytes": source.size_bytes,
+        "blob_key": source.blob_key,
+        "base_id": source.base_id,
+        "base_fingerprint": source.base_fingerprint,
+        "rank": source.rank,
+        "alpha": source.alpha,
+        "target_modules": list(source.target_modules),
+        "parent_number": parent,
+        "step": step,
+        "created_at": now,
+        "expires_at": None,
+        "user_metadata": {},
+        "manifest_extra": source.manifest_extra,
+    }
+
+
+def _damaged(revision: RevisionRecord, folder: Path) -> MintError:
+    return MintError(
+        f"revision {revision.number} of policy {revision.policy_id!r}: files in {folder} do "
+        f"not match sha256 {revision.sha256}; the blob store is damaged, restore it"
+    )
+
+
+def _manifest_of(revision: RevisionRecord) -> RevisionManifest:
+    return RevisionManifest(
+        base_id=revision.base_id,
+        base_fingerprint=revision.base_fingerprint,
+        policy_id=revision.policy_id,
+        number=revision.number,
+        parent_number=revision.parent_number,
+        step=revision.step,
+        created_at=revision.created_at,
+        sha256=revision.sha256,
+        size_bytes=revision.size_bytes,
+        extra=dict(revision.manifest_extra),
+    )
+
+
 def _policy_exists(policy_id: str) -> Conflict:
     return Conflict(f"policy {policy_id!r} exists already; choose another policy id")
 
@@ -808,6 +1049,7 @@ def _revision_record(
         step=row.step,
         created_at=row.created_at,
         blob_path=str(blobs.path(row.blob_key)),
+        manifest_extra=dict(row.manifest_extra or {}),
     )
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import logging
 import threading
-from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -22,12 +21,13 @@ from mint.control.futures import FutureTable, JobFuture, JsonResult, Result
 from mint.control.ordering import SeqGate
 from mint.control.paths import CheckpointPath, parse_checkpoint_path
 from mint.control.sessions import Sampler, Session, SessionTable
-from mint.control.worker import BaseWorker, SampleJob, TrainJob
+from mint.control.worker import BaseWorker, SampleJob, TokenSink, TrainJob
 from mint.errors import MalformedRequest, MintError, NotFound, UserError
 from mint.models.base import load_base
-from mint.models.lora import AdapterTensors, LoraSignature, targets_for
+from mint.models.lora import LoraSignature, targets_for
 from mint.models.registry import BaseSpec, find_base
-from mint.serve.types import AdapterRef, SampleRequest, SampleResult
+from mint.serve.config import EngineConfig
+from mint.serve.types import SampleRequest, SampleResult
 from mint.train.trainer import Trainer
 from mint.train.types import AdamParams, TrainDatum
 
@@ -41,38 +41,20 @@ class TrainingClient:
     base_id: str
 
 
-class HostCache:
-    """Decoded revisions kept in host memory, least recently used out first."""
-
-    def __init__(self, catalog: Catalog, max_entries: int = 64) -> None:
-        self._catalog = catalog
-        self._entries: OrderedDict[str, AdapterTensors] = OrderedDict()
-        self._max_entries = max_entries
-        self._lock = threading.Lock()
-
-    def tensors(self, revision: RevisionRecord) -> AdapterTensors:
-        with self._lock:
-            cached = self._entries.get(revision.sha256)
-            if cached is not None:
-                self._entries.move_to_end(revision.sha256)
-                return cached
-        tensors = self._catalog.read_revision_tensors(revision)
-        with self._lock:
-            self._entries[revision.sha256] = tensors
-            while len(self._entries) > self._max_entries:
-                self._entries.popitem(last=False)
-        return tensors
-
-
 class Service:
-    def __init__(self, settings: Settings, catalog: Catalog | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        catalog: Catalog | None = None,
+        engine_config: EngineConfig | None = None,
+    ) -> None:
         self.settings = settings
+        self.engine_config = engine_config or EngineConfig.from_env()
         settings.home.mkdir(parents=True, exist_ok=True)
         self.catalog = catalog or Catalog(settings.catalog_url, settings.blobs_dir)
         self.futures = FutureTable()
-        self.gate = SeqGate()
+        self.gate = SeqGate(gap_timeout_s=settings.seq_gap_timeout_s)
         self.sessions = SessionTable()
-        self.host_cache = HostCache(self.catalog)
         self._workers: dict[str, BaseWorker] = {}
         self._workers_lock = threading.Lock()
         self._clients: dict[str, TrainingClient] = {}
@@ -83,6 +65,7 @@ class Service:
         self._creations: dict[str, JobFuture] = {}
         self._creations_lock = threading.Lock()
         self._stopped = threading.Event()
+        self.start_housekeeping(settings.housekeeping_interval_s)
 
     # ----------------------------------------------------------------- bases and workers
     def worker(self, base_name: str) -> BaseWorker:
@@ -97,9 +80,14 @@ class Service:
                     self.settings.dtype,
                 )
                 self.catalog.record_base(base.base_id, base.fingerprint)
-                worker = BaseWorker(base)
+                worker = BaseWorker(base, self.engine_config)
                 self._workers[spec.public_id] = worker
             return worker
+
+    def workers(self) -> dict[str, BaseWorker]:
+        """The bases loaded so far and their workers, by public base id."""
+        with self._workers_lock:
+            return dict(self._workers)
 
     def supported_bases(self) -> list[BaseSpec]:
         from mint.models.registry import KNOWN_BASES
@@ -118,6 +106,20 @@ class Service:
                     log.exception("housekeeping round failed")
 
         threading.Thread(target=loop, name="housekeeping", daemon=True).start()
+
+    def refuse_in_order(
+        self, tenant: str, model_id: str, seq_id: int, kind: str, error: MintError
+    ) -> JobFuture:
+        """Answer a training request that cannot run with a failed future in its seq_id turn.
+
+        The SDK has already spent the seq_id; refusing before the gate would leave a gap that
+        holds back every later request of the client.
+        """
+
+        def fail(_: Trainer) -> Result:
+            raise error
+
+        return self._ordered(tenant, model_id, seq_id, kind, fail)
 
     def close(self) -> None:
         self._stopped.set()
@@ -387,13 +389,18 @@ class Service:
         session_id: str | None,
         model_seq_id: int | None,
     ) -> JobFuture:
-        source = parse_checkpoint_path(path)
-        if source.kind != "training":
-            raise MalformedRequest(
-                f"{path} is a sampler checkpoint; load_state takes a training state saved "
-                f"with save_state (tinker://<run>/weights/<name>)"
-            )
-        payload = self.catalog.read_training_state(tenant, source.policy_id, source.name)
+        try:
+            source = parse_checkpoint_path(path)
+            if source.kind != "training":
+                raise MalformedRequest(
+                    f"{path} is a sampler checkpoint; load_state takes a training state saved "
+                    f"with save_state (tinker://<run>/weights/<name>)"
+                )
+            payload = self.catalog.read_training_state(tenant, source.policy_id, source.name)
+        except MintError as error:
+            if model_id is None:
+                raise
+            return self.refuse_in_order(tenant, model_id, seq_id, "load_weights", error)
         answer: dict[str, object] = {"path": path, "type": "load_weights"}
         if model_id is not None:
 
@@ -492,28 +499,67 @@ class Service:
         key = (sampler_id, seq_id) if seq_id is not None else None
         if key is not None and key in self._sample_replays:
             return self._sample_replays[key]
-        request.adapter = self._adapter_for(sampler)
-        worker = self.worker(sampler.base_id)
-        future = self.futures.create(tenant, "sample")
-        ids = [f"{future.request_id}:seq:{i}" for i in range(request.num_samples)]
+        revision = self._revision_for(sampler)
 
         def finish(result: SampleResult) -> Result:
             return ProtoResult(encode_sample(result))
 
-        worker.submit_sample(SampleJob(future, request, finish))
+        future = self.submit_sample(tenant, sampler.base_id, revision, request, finish)
+        ids = [f"{future.request_id}:seq:{i}" for i in range(request.num_samples)]
         if key is not None:
             self._sample_replays[key] = (future, ids)
         return future, ids
 
-    def _adapter_for(self, sampler: Sampler) -> AdapterRef | None:
+    def submit_sample(
+        self,
+        tenant: str,
+        base_id: str,
+        revision: RevisionRecord | None,
+        request: SampleRequest,
+        finish: Callable[[SampleResult], Result],
+        on_token: TokenSink | None = None,
+    ) -> JobFuture:
+        """Queue one sample request on its base's worker; a cold revision starts loading.
+
+        Raises `Busy` (retryable) when the sample queue or the cold-load queue is full.
+        """
+        worker = self.worker(base_id)
+        future = self.futures.create(tenant, "sample")
+        worker.submit_sample(SampleJob(future, request, finish, revision, on_token))
+        return future
+
+    def _revision_for(self, sampler: Sampler) -> RevisionRecord | None:
         if sampler.policy_id is None:
             return None
-        revision = self.catalog.resolve(sampler.tenant, sampler.policy_id, sampler.ref)
-        tensors = self.host_cache.tensors(revision)
-        return AdapterRef(
-            key=f"{revision.policy_id}@{revision.number}",
-            tensors=tensors,
-            scale=revision.alpha / revision.rank,
+        return self.catalog.resolve(sampler.tenant, sampler.policy_id, sampler.ref)
+
+    def resolve_model(self, tenant: str, model: str) -> tuple[str, RevisionRecord | None]:
+        """(base id, revision) for an OpenAI-style model name.
+
+        A name is a base id, a policy id (its `latest` alias), `policy:alias` or
+        `policy@revision` (a number or a checkpoint name). Policy ids contain ':' themselves,
+        so the whole name is tried as a policy first and only then split at its last
+        separator.
+        """
+        try:
+            return find_base(model).public_id, None
+        except NotFound:
+            pass
+        candidates: list[tuple[str, str | None]] = [(model, None)]
+        for separator, prefix in (("@", "@"), (":", "")):
+            policy_id, sep, ref = model.rpartition(separator)
+            if sep and policy_id and ref:
+                named = ref if prefix == "" or not ref.isdigit() else prefix + ref
+                candidates.append((policy_id, named))
+        for policy_id, reference in candidates:
+            try:
+                policy = self.catalog.get_policy(tenant, policy_id)
+            except NotFound:
+                continue
+            return policy.base_id, self.catalog.resolve(tenant, policy_id, reference)
+        raise NotFound(
+            f"model {model!r} is no base, policy, policy:alias or policy@revision of yours; "
+            "list the names you can use with GET /v1/models"
         )
 
 

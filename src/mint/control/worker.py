@@ -1,13 +1,17 @@
 """The base worker: the one thread that runs jobs on a resident base.
 
 Trainer and engine share the base's single copy of the weights, so every forward pass on it
-happens on this thread. Two queues feed it: training jobs run one at a time in arrival order
-(the seq gate already ordered each client's jobs), and all waiting sample jobs run together as
-one multi-adapter batch. The loop alternates between the two so neither starves.
+happens on this thread. Training jobs run one at a time in arrival order (the seq gate already
+ordered each client's jobs). Sample jobs join one running batch between decode steps and leave
+it when their last sample stops (continuous batching). A sample job whose revision is in no
+slot waits in the queue while the cold loader fetches it on its own thread; warm jobs keep
+decoding meanwhile. The loop gives a waiting training job the base after every
+`decode_steps_per_turn` decode steps, so neither side starves.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import threading
 import time
@@ -15,14 +19,22 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from mint.catalog.records import RevisionRecord
 from mint.control.futures import JobFuture, Result
 from mint.errors import Busy, MintError
 from mint.models.base import ResidentBase
-from mint.serve.engine import Engine
+from mint.serve.config import EngineConfig
+from mint.serve.engine import DecodeBatch, Engine, Tick
+from mint.serve.loader import ColdLoader, RevisionReader, read_revision_files
+from mint.serve.stats import ServeStats
+from mint.serve.tiers import HostCache, SlotBank
 from mint.serve.types import SampleRequest, SampleResult
 from mint.train.trainer import Trainer
 
 log = logging.getLogger(__name__)
+
+#: Receives (sample index, token, logprob) on the worker thread as each token is sampled.
+TokenSink = Callable[[int, int, float], None]
 
 
 @dataclass
@@ -36,23 +48,39 @@ class SampleJob:
     future: JobFuture
     request: SampleRequest
     finish: Callable[[SampleResult], Result]
+    #: The revision to sample with; None samples the plain base.
+    revision: RevisionRecord | None = None
+    on_token: TokenSink | None = None
+    #: Resolves to the slot holding the revision (a reference is held for this job).
+    slot: concurrent.futures.Future[int] | None = None
+    slot_index: int | None = None
+
+    def ready(self) -> bool:
+        return self.slot is None or self.slot.done()
 
 
 class BaseWorker:
     def __init__(
         self,
         base: ResidentBase,
+        config: EngineConfig | None = None,
         max_live_policies: int = 8,
-        max_batch_rows: int = 64,
-        max_queued_samples: int = 4096,
+        read: RevisionReader = read_revision_files,
     ) -> None:
         self.base = base
+        self.config = config = config or EngineConfig()
         self.trainer = Trainer(base, max_live_policies=max_live_policies)
-        self.engine = Engine(base, max_batch_rows=max_batch_rows)
+        self.engine = Engine(base, max_batch_rows=config.max_batch_rows)
+        self.stats = ServeStats()
+        self.host_cache = HostCache(config.host_cache_bytes)
+        self.bank = SlotBank(base, config.num_slots, config.max_slot_rank)
+        self.loader = ColdLoader(
+            base, self.host_cache, self.bank, self.stats, config.max_cold_loads, read
+        )
+        self._batch: DecodeBatch = self.engine.batch()
+        self._in_batch: dict[int, SampleJob] = {}
         self._train_jobs: deque[TrainJob] = deque()
         self._sample_jobs: deque[SampleJob] = deque()
-        self._max_queued_samples = max_queued_samples
-        self._max_batch_rows = max_batch_rows
         self._wake = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(
@@ -66,53 +94,81 @@ class BaseWorker:
             self._wake.notify()
 
     def submit_sample(self, job: SampleJob) -> None:
+        """Queue `job`; a cold revision starts loading now. Raises `Busy` when full."""
+        limit = self.config.max_queued_samples
         with self._wake:
-            if len(self._sample_jobs) >= self._max_queued_samples:
-                raise Busy(
-                    f"{len(self._sample_jobs)} sample requests are queued for "
-                    f"{self.base.base_id} (limit {self._max_queued_samples}); retry shortly",
-                    retry_after_s=1.0,
-                )
+            queued = len(self._sample_jobs)
+        if queued >= limit:
+            self.stats.record_refusal("sample_queue_full")
+            raise Busy(
+                f"{queued} sample requests are queued for {self.base.base_id} "
+                f"(limit {limit}); retry shortly",
+                retry_after_s=1.0,
+            )
+        if job.revision is not None:
+            job.slot = self.loader.request(job.revision)
+            job.slot.add_done_callback(lambda _: self._poke())
+        with self._wake:
             self._sample_jobs.append(job)
             self._wake.notify()
+
+    def queued_samples(self) -> int:
+        with self._wake:
+            return len(self._sample_jobs)
+
+    def running_rows(self) -> int:
+        return self._batch.rows
 
     def stop(self) -> None:
         with self._wake:
             self._stopping = True
             self._wake.notify()
         self._thread.join(timeout=30)
+        self.loader.stop()
+
+    def _poke(self) -> None:
+        with self._wake:
+            self._wake.notify()
+
+    def _has_work_locked(self) -> bool:
+        ready = any(job.ready() for job in self._sample_jobs)
+        return bool(self._train_jobs) or ready or self._batch.load > 0
 
     def _loop(self) -> None:
-        prefer_sampling = True
+        steps_in_turn = 0
         while True:
             with self._wake:
-                while not self._stopping and not self._train_jobs and not self._sample_jobs:
+                while not self._stopping and not self._has_work_locked():
                     self._wake.wait()
                 if self._stopping:
                     return
-                run_samples = bool(self._sample_jobs) and (prefer_sampling or not self._train_jobs)
-                if run_samples:
-                    batch = self._take_sample_batch_locked()
-                    train_job = None
-                else:
-                    batch = []
+                sampling = self._batch.load > 0 or any(j.ready() for j in self._sample_jobs)
+                turn_over = steps_in_turn >= self.config.decode_steps_per_turn
+                train_job = None
+                if self._train_jobs and (not sampling or turn_over):
                     train_job = self._train_jobs.popleft()
-            prefer_sampling = not run_samples
+                joining = [] if train_job is not None else self._take_ready_locked()
             if train_job is not None:
                 self._run_train(train_job)
-            else:
-                self._run_samples(batch)
+                steps_in_turn = 0
+                continue
+            self._join(joining)
+            self._tick()
+            steps_in_turn += 1
 
-    def _take_sample_batch_locked(self) -> list[SampleJob]:
-        batch: list[SampleJob] = []
-        rows = 0
-        while self._sample_jobs:
-            job = self._sample_jobs[0]
-            if batch and rows + job.request.num_samples > self._max_batch_rows:
-                break
-            batch.append(self._sample_jobs.popleft())
-            rows += job.request.num_samples
-        return batch
+    def _take_ready_locked(self) -> list[SampleJob]:
+        """Ready jobs, in arrival order, while the batch has room; cold ones stay queued."""
+        room = self.config.max_batch_rows - self._batch.load
+        taken: list[SampleJob] = []
+        kept: deque[SampleJob] = deque()
+        for job in self._sample_jobs:
+            if room > 0 and job.ready():
+                taken.append(job)
+                room -= job.request.num_samples
+            else:
+                kept.append(job)
+        self._sample_jobs = kept
+        return taken
 
     def _run_train(self, job: TrainJob) -> None:
         started = time.monotonic()
@@ -130,24 +186,64 @@ class BaseWorker:
             time.monotonic() - started,
         )
 
-    def _run_samples(self, batch: list[SampleJob]) -> None:
-        try:
-            results = self.engine.generate([job.request for job in batch])
-        except MintError as error:
-            # One bad request must not fail its batch-mates: retry them one by one.
-            if len(batch) == 1:
-                batch[0].future.set_error(error)
-                return
-            for job in batch:
-                self._run_samples([job])
-            return
-        except Exception as error:
-            log.exception("sample batch of %d failed", len(batch))
-            for job in batch:
-                job.future.set_error(error)
-            return
-        for job, result in zip(batch, results, strict=True):
+    def _join(self, jobs: list[SampleJob]) -> None:
+        """Bind each job to its slot's tensors and queue it into the running batch."""
+        for job in jobs:
             try:
-                job.future.set_result(job.finish(result))
+                if job.slot is not None:
+                    job.slot_index = job.slot.result()
+                    job.request.adapter = self.bank.adapter(job.slot_index)
+                request_id = self._batch.admit(job.request)
+            except MintError as error:
+                self._end(job, error=error)
+                continue
             except Exception as error:
-                job.future.set_error(error)
+                log.exception("sample job %s could not join", job.future.request_id)
+                self._end(job, error=error)
+                continue
+            self._in_batch[request_id] = job
+
+    def _tick(self) -> None:
+        try:
+            tick = self._batch.step()
+        except Exception as error:
+            # An unexpected failure inside a step leaves the batch state unknown: fail its
+            # jobs and start a fresh batch, so later requests are served normally.
+            log.exception("decode step with %d rows failed", self._batch.rows)
+            for job in self._in_batch.values():
+                self._end(job, error=error)
+            self._in_batch.clear()
+            self._batch = self.engine.batch()
+            return
+        self._deliver(tick)
+
+    def _deliver(self, tick: Tick) -> None:
+        self.stats.record_tokens(len(tick.sampled))
+        for request_id, sample, token, logprob in tick.sampled:
+            sink = self._in_batch[request_id].on_token
+            if sink is not None:
+                try:
+                    sink(sample, token, logprob)
+                except Exception:
+                    log.exception("token sink of request %d failed", request_id)
+        for request_id, result in tick.finished:
+            job = self._in_batch.pop(request_id)
+            try:
+                self._end(job, result=job.finish(result))
+            except Exception as error:
+                self._end(job, error=error)
+
+    def _end(
+        self, job: SampleJob, result: Result | None = None, error: BaseException | None = None
+    ) -> None:
+        """Complete `job` and give back its slot reference, exactly once."""
+        if job.slot_index is not None:
+            self.bank.release(job.slot_index)
+            job.slot_index = None
+        elif job.slot is not None and job.slot.done() and job.slot.exception() is None:
+            self.bank.release(job.slot.result())
+        job.slot = None
+        if error is not None:
+            job.future.set_error(error)
+        elif result is not None:
+            job.future.set_result(result)

@@ -1,24 +1,32 @@
-"""The embedded sampling engine: batched decoding over one resident base, many adapters at once.
+"""The embedded sampling engine: continuous batching over one resident base, many adapters at once.
 
-Each request is expanded into one row per sample. Rows run together in batches of at most
-`max_batch_rows`: prompts are left-padded, the attention mask and explicit position ids make
-the padding invisible, and a `DynamicCache` carries keys and values between decode steps. Every
-forward pass (prefill and each decode step) binds each distinct adapter of the batch to its own
-rows, so rows of one pass use different adapters and rows without one see the plain base.
-Rows that stop leave the batch (cache included) before the next step.
+Each request is expanded into one row per sample. A `DecodeBatch` holds the rows decoding
+together, at most `max_batch_rows` of them; requests join and leave it between decode steps.
+Joining rows are prefilled on their own (left-padded prompts, an attention mask and explicit
+position ids make the padding invisible) and their key/value cache is then left-padded to the
+running batch's length and appended to it. Every forward pass binds each distinct adapter of
+the batch to its own rows, so rows of one pass use different adapters and rows without one see
+the plain base. Rows that stop leave the batch (cache included) before the next step.
 
 What a returned logprob means is defined in `mint.serve.sampling`. Only the base's worker
 thread calls the engine, so it holds no locks.
+
+Known shortcoming: the cache merge pads every layer's cache along the sequence; a base with
+sliding-window attention layers would need those layers merged by window instead. None of the
+known bases has them.
 """
 
 from __future__ import annotations
 
 import inspect
+import itertools
 import logging
-import time
+from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
+import torch.nn.functional as F
 from transformers import DynamicCache
 
 from mint.errors import UserError
@@ -58,15 +66,21 @@ class _Row:
     prompt_logprobs: list[float | None] | None = None
 
 
+def _layers(cache: DynamicCache) -> list[Any]:
+    return list(cache.layers)
+
+
 @dataclass
 class _Batch:
-    """Device state of the rows still decoding, kept aligned with `rows`."""
+    """Device state of the rows decoding together, kept aligned with `rows`."""
 
     rows: list[_Row]
     mask: torch.Tensor  # [rows, tokens so far], 1 where a real token sits
     last_position: torch.Tensor  # [rows, 1], position id of each row's newest token
     params: RowParams
     cache: DynamicCache
+    #: [rows, vocab], the logits each row samples its next token from.
+    logits: torch.Tensor | None = None
 
     def keep(self, survivors: list[int]) -> None:
         """Drop every row not in `survivors` (indices into `rows`) from the batch."""
@@ -76,6 +90,49 @@ class _Batch:
         self.mask = self.mask[index]
         self.last_position = self.last_position[index]
         self.params = self.params.select(index)
+        if self.logits is not None:
+            self.logits = self.logits[index]
+        # Columns no surviving row attends to are padding left by rows that have gone.
+        first = int(self.mask.any(dim=0).to(torch.int8).argmax())
+        if first > 0:
+            self.mask = self.mask[:, first:]
+            for layer in _layers(self.cache):
+                layer.keys = layer.keys[:, :, first:]
+                layer.values = layer.values[:, :, first:]
+
+    def _pad_left(self, width: int) -> None:
+        extra = width - self.mask.shape[1]
+        if extra <= 0:
+            return
+        self.mask = F.pad(self.mask, (extra, 0))
+        for layer in _layers(self.cache):
+            layer.keys = F.pad(layer.keys, (0, 0, extra, 0))
+            layer.values = F.pad(layer.values, (0, 0, extra, 0))
+
+    def merge(self, other: _Batch) -> None:
+        """Append `other`'s rows, left-padding both caches to one length."""
+        width = max(self.mask.shape[1], other.mask.shape[1])
+        self._pad_left(width)
+        other._pad_left(width)
+        for mine, theirs in zip(_layers(self.cache), _layers(other.cache), strict=True):
+            mine.keys = torch.cat([mine.keys, theirs.keys])
+            mine.values = torch.cat([mine.values, theirs.values])
+        self.rows = self.rows + other.rows
+        self.mask = torch.cat([self.mask, other.mask])
+        self.last_position = torch.cat([self.last_position, other.last_position])
+        self.params = self.params.concat(other.params)
+        assert self.logits is not None and other.logits is not None
+        self.logits = torch.cat([self.logits, other.logits])
+
+
+@dataclass
+class Tick:
+    """What one decode step produced."""
+
+    #: (request id, sample index, token, logprob) for every row that sampled a token.
+    sampled: list[tuple[int, int, int, float]]
+    #: (request id, result) for every request whose last row stopped.
+    finished: list[tuple[int, SampleResult]]
 
 
 class Engine:
@@ -97,18 +154,22 @@ class Engine:
         # Computing logits only where they are read saves a [rows, prompt, vocab] tensor.
         self._trims_logits = "logits_to_keep" in forward_args
 
+    def batch(self) -> DecodeBatch:
+        """A new, empty running batch on this engine."""
+        return DecodeBatch(self)
+
     def generate(self, requests: list[SampleRequest]) -> list[SampleResult]:
-        """Sample every request; results come back in request order."""
+        """Sample every request to completion; results come back in request order."""
         check_requests(self.base, requests)
-        per_request = [self._rows(index, request) for index, request in enumerate(requests)]
-        # Similar prompt lengths share a batch, so less of each batch is padding.
-        ordered = sorted(
-            (row for rows in per_request for row in rows), key=lambda row: len(row.prompt)
-        )
-        with torch.inference_mode():
-            for start in range(0, len(ordered), self.max_batch_rows):
-                self._run(ordered[start : start + self.max_batch_rows])
-        return [self._result(rows) for rows in per_request]
+        batch = self.batch()
+        # Similar prompt lengths join together, so less of each prefill is padding.
+        order = sorted(range(len(requests)), key=lambda i: len(requests[i].prompt))
+        position = {batch.admit(requests[i], checked=True): i for i in order}
+        results: list[SampleResult | None] = [None] * len(requests)
+        while batch.load:
+            for request_id, result in batch.step().finished:
+                results[position[request_id]] = result
+        return [result for result in results if result is not None]
 
     def _rows(self, index: int, request: SampleRequest) -> list[_Row]:
         params = request.params
@@ -141,35 +202,7 @@ class Engine:
         ]
         return SampleResult(sequences=sequences, prompt_logprobs=rows[0].prompt_logprobs)
 
-    def _run(self, rows: list[_Row]) -> None:
-        """Decode one batch of rows until every row has stopped.
-
-        1. Prefill the left-padded prompts, filling the cache (and prompt logprobs).
-        2. Sample a token per row from its last logits and check its stop rules.
-        3. Drop stopped rows; feed each survivor's new token as the next step; repeat from 2.
-        """
-        started = time.monotonic()
-        batch, logits = self._prefill(rows)
-        steps = 0
-        while True:
-            tokens = self._sample(batch, logits)
-            survivors = [i for i, row in enumerate(batch.rows) if row.stop_reason is None]
-            if not survivors:
-                break
-            if len(survivors) < len(batch.rows):
-                batch.keep(survivors)
-                tokens = [tokens[i] for i in survivors]
-            logits = self._step(batch, tokens)
-            steps += 1
-        log.debug(
-            "batch done rows=%d adapters=%d steps=%d seconds=%.3f",
-            len(rows),
-            len({row.adapter.key for row in rows if row.adapter}),
-            steps + 1,
-            time.monotonic() - started,
-        )
-
-    def _prefill(self, rows: list[_Row]) -> tuple[_Batch, torch.Tensor]:
+    def _prefill(self, rows: list[_Row]) -> _Batch:
         device = self.base.device
         width = max(len(row.prompt) for row in rows)
         ids = torch.full((len(rows), width), self._pad_id, dtype=torch.long)
@@ -195,14 +228,16 @@ class Engine:
         logits = self._forward(batch, ids, positions, every_position)
         if every_position:
             self._fill_prompt_logprobs(rows, logits)
-        return batch, logits[:, -1, :]
+        batch.logits = logits[:, -1, :]
+        return batch
 
-    def _step(self, batch: _Batch, tokens: list[int]) -> torch.Tensor:
+    def _advance(self, batch: _Batch, tokens: list[int]) -> None:
+        """Feed each row's newest token; leave the next logits on the batch."""
         device = self.base.device
         ids = torch.tensor(tokens, dtype=torch.long, device=device).unsqueeze(-1)
         batch.mask = torch.cat([batch.mask, torch.ones_like(ids)], dim=-1)
         batch.last_position = batch.last_position + 1
-        return self._forward(batch, ids, batch.last_position, False)[:, -1, :]
+        batch.logits = self._forward(batch, ids, batch.last_position, False)[:, -1, :]
 
     def _forward(
         self, batch: _Batch, ids: torch.Tensor, positions: torch.Tensor, every_position: bool
@@ -250,10 +285,11 @@ class Engine:
             values = predicted.gather(-1, following.unsqueeze(-1)).squeeze(-1).tolist()
             row.prompt_logprobs = [None, *values]
 
-    def _sample(self, batch: _Batch, logits: torch.Tensor) -> list[int]:
+    def _sample(self, batch: _Batch) -> list[int]:
         """Draw one token per row, record it, and mark the rows it stops."""
+        assert batch.logits is not None
         generators = [row.generator for row in batch.rows]
-        tokens, logprobs = draw(logits, batch.params, generators)
+        tokens, logprobs = draw(batch.logits, batch.params, generators)
         for row, token, logprob in zip(batch.rows, tokens, logprobs, strict=True):
             row.tokens.append(token)
             row.logprobs.append(logprob)
@@ -271,3 +307,96 @@ class Engine:
         if len(row.tokens) >= row.limit:
             return "length"
         return None
+
+
+class DecodeBatch:
+    """The rows of one engine that decode together; requests join and leave between steps.
+
+    `admit` queues a request's rows; each `step` first prefills queued rows into the free
+    places, then samples one token for every row, lets finished rows leave, and feeds the
+    survivors' tokens forward.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._waiting: deque[_Row] = deque()
+        self._running: _Batch | None = None
+        self._rows_left: dict[int, int] = {}
+        self._rows_of: dict[int, list[_Row]] = {}
+        self._ids = itertools.count()
+
+    @property
+    def rows(self) -> int:
+        """Rows decoding now."""
+        return 0 if self._running is None else len(self._running.rows)
+
+    @property
+    def load(self) -> int:
+        """Rows decoding now plus rows queued to join."""
+        return self.rows + len(self._waiting)
+
+    def adapter_keys(self) -> set[str]:
+        """Keys of the adapters the running rows use."""
+        rows = [] if self._running is None else self._running.rows
+        return {row.adapter.key for row in rows if row.adapter is not None}
+
+    def admit(self, request: SampleRequest, checked: bool = False) -> int:
+        """Queue `request` to join at the next step; return its request id.
+
+        Raises `UserError` or `InvalidAdapter` for a request that cannot run, before it
+        touches the batch.
+        """
+        if not checked:
+            check_requests(self.engine.base, [request])
+        request_id = next(self._ids)
+        rows = self.engine._rows(request_id, request)
+        self._rows_of[request_id] = rows
+        self._rows_left[request_id] = len(rows)
+        self._waiting.extend(rows)
+        return request_id
+
+    @torch.inference_mode()
+    def step(self) -> Tick:
+        """One decode step for every row (joining queued rows first)."""
+        self._join()
+        batch = self._running
+        if batch is None:
+            return Tick([], [])
+        tokens = self.engine._sample(batch)
+        sampled = [
+            (row.request, row.sample, token, row.logprobs[-1])
+            for row, token in zip(batch.rows, tokens, strict=True)
+        ]
+        finished = self._leave(batch)
+        survivors = [i for i, row in enumerate(batch.rows) if row.stop_reason is None]
+        if not survivors:
+            self._running = None
+            return Tick(sampled, finished)
+        if len(survivors) < len(batch.rows):
+            batch.keep(survivors)
+            tokens = [tokens[i] for i in survivors]
+        self.engine._advance(batch, tokens)
+        return Tick(sampled, finished)
+
+    def _join(self) -> None:
+        free = self.engine.max_batch_rows - self.rows
+        if not self._waiting or free <= 0:
+            return
+        joining = [self._waiting.popleft() for _ in range(min(free, len(self._waiting)))]
+        fresh = self.engine._prefill(joining)
+        if self._running is None:
+            self._running = fresh
+        else:
+            self._running.merge(fresh)
+
+    def _leave(self, batch: _Batch) -> list[tuple[int, SampleResult]]:
+        finished = []
+        for row in batch.rows:
+            if row.stop_reason is None:
+                continue
+            self._rows_left[row.request] -= 1
+            if self._rows_left[row.request] == 0:
+                del self._rows_left[row.request]
+                rows = self._rows_of.pop(row.request)
+                finished.append((row.request, self.engine._result(rows)))
+        return finished

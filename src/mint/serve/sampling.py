@@ -65,6 +65,14 @@ class RowParams:
     def select(self, rows: torch.Tensor) -> RowParams:
         return RowParams(self.temperature[rows], self.top_k[rows], self.top_p[rows])
 
+    def concat(self, other: RowParams) -> RowParams:
+        """These rows followed by `other`'s rows."""
+        return RowParams(
+            torch.cat([self.temperature, other.temperature]),
+            torch.cat([self.top_k, other.top_k]),
+            torch.cat([self.top_p, other.top_p]),
+        )
+
 
 def processed_logprobs(logits: torch.Tensor, params: RowParams) -> torch.Tensor:
     """Log-probabilities of the processed distribution of every row ([rows, vocab]).

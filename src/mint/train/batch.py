@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from mint.errors import UserError
 from mint.train.losses import TARGET_TOKENS, LossSpec
@@ -155,4 +156,31 @@ def collate(
         mask=torch.from_numpy(mask).to(device),
         inputs={name: torch.from_numpy(array).to(device) for name, array in floats.items()},
         lengths=lengths,
+    )
+
+
+def _pad_columns(tensor: torch.Tensor, width: int) -> torch.Tensor:
+    return F.pad(tensor, (0, width - tensor.shape[1]), value=0)
+
+
+def stack(batches: Sequence[Batch]) -> Batch:
+    """The rows of several batches as one batch, right-padded to the widest.
+
+    Each part keeps its own float loss inputs, so the stacked batch carries none; a
+    multi-policy pass reads them from the parts (see `passes`).
+    """
+    if len(batches) == 1:
+        return batches[0]
+    width = max(batch.input_ids.shape[1] for batch in batches)
+
+    def joined(name: str) -> torch.Tensor:
+        return torch.cat([_pad_columns(getattr(batch, name), width) for batch in batches])
+
+    return Batch(
+        input_ids=joined("input_ids"),
+        attention_mask=joined("attention_mask"),
+        targets=joined("targets"),
+        mask=joined("mask"),
+        inputs={},
+        lengths=[length for batch in batches for length in batch.lengths],
     )

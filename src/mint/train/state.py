@@ -73,6 +73,12 @@ class PolicyState:
         """Accumulated gradients in `weights` order; zeros where nothing accumulated yet."""
         return [torch.zeros_like(w) if w.grad is None else w.grad for w in self.weights.values()]
 
+    def nbytes(self) -> int:
+        """Bytes of every tensor the state holds: weights, pending gradients, moments."""
+        tensors = [*self.weights.values(), *self.exp_avg.values(), *self.exp_avg_sq.values()]
+        tensors += [w.grad for w in self.weights.values() if w.grad is not None]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
     def zero_grad(self) -> None:
         for weight in self.weights.values():
             weight.grad = None

@@ -3,14 +3,16 @@
 A job names a policy; the trainer swaps that policy's training state onto the base's device
 (evicting the least recently used policy to host memory when `max_live_policies` are already
 there), binds its LoRA tensors to the frozen base for the job, and leaves the state in place
-for the next job. The base weights exist once and never change. Only the base's worker thread
-calls a trainer, so nothing here locks.
+for the next job. `forward_backward_many` runs several live policies' jobs in shared passes,
+each adapter bound to its own rows (see `passes`). The base weights exist once and never
+change. Only the base's worker thread calls a trainer, so nothing here locks.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import OrderedDict
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -21,9 +23,11 @@ from mint.errors import Conflict, InvalidAdapter, NotFound, UserError
 from mint.models.base import ResidentBase
 from mint.models.lora import AdapterTensors, BoundAdapter, LoraSignature, bound, init_adapter
 from mint.train import state as saved_form
-from mint.train.batch import Batch, check_data, collate, micro_batches
+from mint.train.batch import Batch, check_data, collate, stack
+from mint.train.losses import compute as compute_loss
 from mint.train.losses import loss_spec, resolve_config
 from mint.train.optimizer import adamw_step_, clip_, global_grad_norm
+from mint.train.passes import JobTally, ResolvedJob, TrainJob, plan_passes
 from mint.train.state import HOST, PolicyState
 from mint.train.types import AdamParams, ForwardBackwardResult, TrainDatum
 
@@ -99,6 +103,30 @@ class Trainer:
         """Policies whose training state is on the base's device, least recently used first."""
         return list(self._live)
 
+    def swap_in(self, policy_id: str) -> None:
+        """Place the policy's training state on the base's device now (evicting LRU ones)."""
+        self._swap_in(policy_id)
+
+    def swap_out(self, policy_id: str) -> None:
+        """Move the policy's training state to host memory; bits are unchanged."""
+        state = self._get(policy_id)
+        if policy_id in self._live:
+            del self._live[policy_id]
+            state.move_to(HOST)
+            log.debug("policy=%s swapped out to host", policy_id)
+
+    def device_bytes(self) -> int:
+        """Bytes of training state on the base's device: the live policies' tensors."""
+        return sum(self._policies[policy_id].nbytes() for policy_id in self._live)
+
+    def host_bytes(self) -> int:
+        """Bytes of training state swapped out to host memory."""
+        return sum(
+            state.nbytes()
+            for policy_id, state in self._policies.items()
+            if policy_id not in self._live
+        )
+
     # -- jobs -----------------------------------------------------------------------------
 
     def forward_backward(
@@ -106,7 +134,7 @@ class Trainer:
         policy_id: str,
         data: list[TrainDatum],
         loss_fn: str,
-        loss_fn_config: dict[str, float] | None = None,
+        loss_fn_config: Mapping[str, float] | None = None,
         forward_only: bool = False,
     ) -> ForwardBackwardResult:
         """Per-token logprobs and losses; unless `forward_only`, add the loss's gradients.
@@ -114,23 +142,30 @@ class Trainer:
         The loss is the sum of elementwise losses over all tokens and datums; gradients add
         up over calls until the next `optim_step`.
         """
-        spec = loss_spec(loss_fn)
-        config = resolve_config(loss_fn, spec, loss_fn_config)
-        base = self.base
-        check_data(data, spec, base.vocab_size, base.max_context_length)
-        state = self._swap_in(policy_id)
-        results = []
-        # Losses are sums over datums, so passes over parts of the job add up exactly.
-        for part in micro_batches(data, self.pass_token_budget):
-            batch = collate(part, spec, base.vocab_size, base.max_context_length, base.device)
-            with torch.set_grad_enabled(not forward_only):
-                logprobs = self._target_logprobs(state, batch)
-                computed = spec.compute(logprobs, batch.inputs, config)
-                elementwise = torch.where(batch.mask, computed, 0.0)
-                if not forward_only:
-                    elementwise.sum().backward()
-            results.append(_result(batch, logprobs.detach(), elementwise.detach()))
-        return _merge(results)
+        job = TrainJob(policy_id, data, loss_fn, loss_fn_config)
+        return self.forward_backward_many([job], forward_only)[0]
+
+    def forward_backward_many(
+        self,
+        jobs: Sequence[TrainJob | tuple[str, list[TrainDatum], str, Mapping[str, float] | None]],
+        forward_only: bool = False,
+    ) -> list[ForwardBackwardResult]:
+        """Several policies' jobs in shared passes: one result per job, in job order.
+
+        Each pass runs the base once over the rows of all its jobs, every policy's adapter
+        bound to its own rows, so results and gradients equal separate `forward_backward`
+        calls while the base weights are read once. The policies must differ and all fit on
+        the device at once (at most `max_live_policies`).
+        """
+        resolved = [
+            self._resolve(index, TrainJob(*job), len(jobs)) for index, job in enumerate(jobs)
+        ]
+        self._check_jobs(resolved)
+        states = [self._swap_in(job.policy_id) for job in resolved]
+        tallies = [JobTally() for _ in resolved]
+        for segments in plan_passes(resolved, self.pass_token_budget):
+            self._run_pass(segments, resolved, states, tallies, forward_only)
+        return [tally.result() for tally in tallies]
 
     def optim_step(self, policy_id: str, params: AdamParams) -> dict[str, float]:
         """One AdamW step on the accumulated gradients, which are then zeroed."""
@@ -209,6 +244,72 @@ class Trainer:
 
     # -- internals --------------------------------------------------------------------------
 
+    def _resolve(self, index: int, job: TrainJob, count: int) -> ResolvedJob:
+        """Check a job's loss, config and data; in a many-job call errors name the job."""
+        base = self.base
+        try:
+            spec = loss_spec(job.loss_fn)
+            config = resolve_config(job.loss_fn, spec, job.loss_fn_config)
+            check_data(job.data, spec, base.vocab_size, base.max_context_length)
+        except UserError as error:
+            if count == 1:
+                raise
+            raise type(error)(f"job {index} (policy {job.policy_id!r}): {error.message}") from None
+        return ResolvedJob(job.policy_id, list(job.data), spec, config)
+
+    def _check_jobs(self, jobs: list[ResolvedJob]) -> None:
+        ids = [job.policy_id for job in jobs]
+        if not ids:
+            raise UserError("forward_backward_many needs at least one job; got none")
+        for policy_id in ids:
+            self._get(policy_id)
+        repeated = sorted({policy_id for policy_id in ids if ids.count(policy_id) > 1})
+        if repeated:
+            raise UserError(
+                f"policies {repeated} appear in more than one job of one call; "
+                "merge each policy's data into one job"
+            )
+        if len(ids) > self.max_live_policies:
+            raise UserError(
+                f"{len(ids)} policies in one call exceed max_live_policies="
+                f"{self.max_live_policies}; split the call or raise the limit"
+            )
+
+    def _run_pass(
+        self,
+        segments: list[tuple[int, list[TrainDatum]]],
+        jobs: list[ResolvedJob],
+        states: list[PolicyState],
+        tallies: list[JobTally],
+        forward_only: bool,
+    ) -> None:
+        """One forward (and backward) over the segments' rows, each bound to its policy."""
+        base = self.base
+        parts = [
+            collate(data, jobs[index].spec, base.vocab_size, base.max_context_length, base.device)
+            for index, data in segments
+        ]
+        # 1. Row ranges of the segments in the stacked batch; one segment binds all rows.
+        starts = np.cumsum([0] + [len(part.lengths) for part in parts]).tolist()
+        adapters = []
+        for (index, _), start, stop in zip(segments, starts, starts[1:], strict=False):
+            state = states[index]
+            rows = None if len(parts) == 1 else torch.arange(start, stop, device=base.device)
+            adapters.append(BoundAdapter(state.adapter(base.dtype), state.signature.scale, rows))
+        with torch.set_grad_enabled(not forward_only):
+            # 2. One pass of the base over all rows.
+            logprobs = self._target_logprobs(adapters, stack(parts))
+            # 3. Each segment's own loss on its rows; the sum backpropagates once.
+            total = logprobs.new_zeros(())
+            for (index, _), part, start in zip(segments, parts, starts, strict=False):
+                rows = logprobs[start : start + len(part.lengths), : part.mask.shape[1]]
+                job = jobs[index]
+                outcome = compute_loss(job.spec, rows, part.inputs, part.mask, job.config)
+                total = total + outcome.elementwise.sum()
+                tallies[index].add(part, rows, outcome)
+            if not forward_only:
+                total.backward()
+
     def _get(self, policy_id: str) -> PolicyState:
         state = self._policies.get(policy_id)
         if state is None:
@@ -233,11 +334,10 @@ class Trainer:
         log.debug("policy=%s swapped in to %s", policy_id, self.base.device)
         return state
 
-    def _target_logprobs(self, state: PolicyState, batch: Batch) -> torch.Tensor:
-        """Logprob of each target under the policy, full softmax in float32: [B, T]."""
-        adapter = BoundAdapter(state.adapter(self.base.dtype), state.signature.scale)
+    def _target_logprobs(self, adapters: list[BoundAdapter], batch: Batch) -> torch.Tensor:
+        """Logprob of each target under the bound adapters, full softmax in float32: [B, T]."""
         model = self.base.model
-        with bound(self.base.binding, [adapter]):
+        with bound(self.base.binding, adapters):
             hidden = model.get_decoder()(  # type: ignore[operator]
                 input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
             ).last_hidden_state
@@ -295,29 +395,5 @@ def _slice_logprobs(
     return -F.cross_entropy(logits, targets, reduction="none")
 
 
-def _merge(results: list[ForwardBackwardResult]) -> ForwardBackwardResult:
-    outputs = [output for result in results for output in result.outputs]
-    metrics = {key: sum(result.metrics[key] for result in results) for key in results[0].metrics}
-    return ForwardBackwardResult(outputs=outputs, metrics=metrics)
-
-
 def _host_copy(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.detach().to(HOST, dtype=torch.float32, copy=True)
-
-
-def _result(
-    batch: Batch, logprobs: torch.Tensor, elementwise: torch.Tensor
-) -> ForwardBackwardResult:
-    """Per-datum outputs without padding, and the job's metrics."""
-    logprobs_np = logprobs.to(HOST).numpy()
-    losses_np = elementwise.to(HOST).numpy()
-    outputs = [
-        {
-            "logprobs": logprobs_np[row, :length].copy(),
-            "elementwise_loss": losses_np[row, :length].copy(),
-        }
-        for row, length in enumerate(batch.lengths)
-    ]
-    loss = sum(float(np.sum(out["elementwise_loss"], dtype=np.float64)) for out in outputs)
-    metrics = {"loss:sum": loss, "num_tokens:sum": float(sum(batch.lengths))}
-    return ForwardBackwardResult(outputs=outputs, metrics=metrics)

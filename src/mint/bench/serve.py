@@ -1,0 +1,426 @@
+"""`mint bench serve`: the engine's adapter tiers and batching, measured side by side.
+
+(a) 32 concurrent requests over 32 distinct adapters vs the same requests on one adapter;
+(b) the same requests served PEFT-style (one `generate` per adapter group, the active
+    adapter switched between groups);
+(c) request latency by tier: slot hit, host-cache hit, catalog miss;
+(d) host cache -> slot time vs a plain copy of the same bytes, and catalog -> host cache
+    time vs a raw read of the same files;
+(e) Zipf traffic over many adapters with few slots and a small host cache: hit rates and
+    p50/p99 latency, and the warm per-token latency during a burst of cold adapters.
+
+Every figure is measured in this run; `--quick` runs all of it small on the tiny test base.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import random
+import statistics
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mint.catalog.records import RevisionRecord
+from mint.catalog.store import Catalog
+from mint.config import Settings
+from mint.control.futures import JobFuture, JsonResult, Result
+from mint.control.worker import BaseWorker, SampleJob
+from mint.errors import Busy
+from mint.models.base import ResidentBase, load_base
+from mint.models.lora import ATTENTION_TARGETS, MLP_TARGETS, LoraSignature, init_adapter
+from mint.serve.config import EngineConfig
+from mint.serve.loader import read_revision_files
+from mint.serve.tiers import decode_revision
+from mint.serve.types import SampleRequest, SampleResult, SamplingParams
+
+log = logging.getLogger(__name__)
+
+ALL_TARGETS = ATTENTION_TARGETS + MLP_TARGETS
+
+
+@dataclass(frozen=True)
+class Sizes:
+    base: str
+    concurrent: int  # (a), (b): requests and distinct adapters
+    tokens: int  # (a), (b): tokens per request
+    tier_reps: int  # (c)
+    zipf_adapters: int  # (e)
+    zipf_slots: int
+    zipf_host_entries: int
+    zipf_requests: int
+    zipf_clients: int
+    burst: int
+    warm_tokens: int
+
+
+FULL = Sizes("smollm2-135m-instruct", 32, 12, 5, 1000, 8, 64, 400, 8, 64, 48)
+QUICK = Sizes("tiny-llama", 6, 4, 2, 30, 4, 8, 40, 4, 8, 12)
+
+
+class Adapters:
+    """Seeded random revisions exported through a real catalog in a scratch folder."""
+
+    def __init__(self, base: ResidentBase, folder: Path) -> None:
+        self.base = base
+        self.catalog = Catalog(f"sqlite:///{folder / 'catalog.db'}", folder / "blobs")
+        self.catalog.ensure_tenant("bench")
+        self.catalog.record_base(base.base_id, base.fingerprint)
+        self._count = 0
+
+    def make(self, rank: int, targets: tuple[str, ...] = ALL_TARGETS) -> RevisionRecord:
+        self._count += 1
+        policy = f"bench-{self._count}"
+        signature = LoraSignature(rank, 2.0 * rank, targets)
+        self.catalog.create_policy("bench", policy, self.base.base_id, self.base.fingerprint,
+                                   signature)  # fmt: skip
+        tensors = init_adapter(self.base.layers, signature, seed=self._count)
+        generator = torch.Generator().manual_seed(self._count)
+        for _, b in tensors.values():
+            b.copy_(torch.randn(b.shape, generator=generator) * 0.02)
+        return self.catalog.export_revision("bench", policy, None, tensors, step=0)
+
+
+class Client:
+    """Submits sample jobs to a worker and times them."""
+
+    def __init__(self, worker: BaseWorker, prompt: list[int]) -> None:
+        self.worker = worker
+        self.prompt = prompt
+
+    def submit(
+        self,
+        revision: RevisionRecord | None,
+        tokens: int,
+        on_token: Callable[[int, int, float], None] | None = None,
+    ) -> tuple[JobFuture, list[SampleResult]]:
+        holder: list[SampleResult] = []
+
+        def finish(result: SampleResult) -> Result:
+            holder.append(result)
+            return JsonResult({})
+
+        params = SamplingParams(max_tokens=tokens, temperature=0.0, stop_tokens=[])
+        job = SampleJob(JobFuture("bench", "bench", "sample"), SampleRequest(self.prompt, params),
+                        finish, revision, on_token)  # fmt: skip
+        self.worker.submit_sample(job)
+        return job.future, holder
+
+    def run(self, revision: RevisionRecord | None, tokens: int) -> float:
+        """Seconds from submit to result of one request, retrying while busy."""
+        started = time.perf_counter()
+        while True:
+            try:
+                future, _ = self.submit(revision, tokens)
+                break
+            except Busy:
+                time.sleep(0.02)
+        future.inner.result(timeout=600)
+        return time.perf_counter() - started
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def _worker(base: ResidentBase, **config: int) -> BaseWorker:
+    return BaseWorker(base, EngineConfig(**config), read=read_revision_files)
+
+
+def _concurrent(client: Client, revisions: list[RevisionRecord], tokens: int) -> dict[str, Any]:
+    started = time.perf_counter()
+    jobs = [client.submit(revision, tokens) for revision in revisions]
+    for future, _ in jobs:
+        future.inner.result(timeout=600)
+    seconds = time.perf_counter() - started
+    outputs = [holder[0].sequences[0].tokens for _, holder in jobs]
+    return {"seconds": seconds, "tokens_per_s": len(jobs) * tokens / seconds, "outputs": outputs}
+
+
+def bench_batching(base: ResidentBase, adapters: Adapters, sizes: Sizes) -> dict[str, Any]:
+    """(a) distinct adapters vs one adapter, warm, in one batch each."""
+    revisions = [adapters.make(rank=8) for _ in range(sizes.concurrent)]
+    n = sizes.concurrent
+    worker = _worker(base, num_slots=n, max_batch_rows=n, max_slot_rank=8, max_cold_loads=n)
+    try:
+        client = Client(worker, prompt=list(range(10, 30)))
+        for revision in revisions:  # place every adapter first: this measures warm batching
+            client.run(revision, 1)
+        distinct = _concurrent(client, revisions, sizes.tokens)
+        single = _concurrent(client, [revisions[0]] * n, sizes.tokens)
+    finally:
+        worker.stop()
+    return {
+        "requests": n,
+        "tokens_per_request": sizes.tokens,
+        "distinct_seconds": distinct["seconds"],
+        "one_adapter_seconds": single["seconds"],
+        "distinct_tokens_per_s": distinct["tokens_per_s"],
+        "one_adapter_tokens_per_s": single["tokens_per_s"],
+        "distinct_over_one": distinct["seconds"] / single["seconds"],
+        "_outputs": distinct["outputs"],
+        "_revisions": revisions,
+    }
+
+
+def bench_peft(base: ResidentBase, batching: dict[str, Any], sizes: Sizes) -> dict[str, Any]:
+    """(b) the requests of (a) served by PEFT, one generate per adapter group."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    revisions: list[RevisionRecord] = batching["_revisions"]
+    model: Any = AutoModelForCausalLM.from_pretrained(base.folder, dtype=base.dtype)
+    model.to(base.device).eval()
+    started = time.perf_counter()
+    peft: Any = PeftModel.from_pretrained(model, revisions[0].blob_path, adapter_name="a0")
+    for i, revision in enumerate(revisions[1:], start=1):
+        peft.load_adapter(revision.blob_path, adapter_name=f"a{i}")
+    load_seconds = time.perf_counter() - started
+    prompt = torch.tensor([list(range(10, 30))], device=base.device)
+    outputs = []
+    started = time.perf_counter()
+    with torch.inference_mode():
+        for i in range(len(revisions)):
+            peft.set_adapter(f"a{i}")
+            out = peft.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt),
+                                max_new_tokens=sizes.tokens, min_new_tokens=sizes.tokens,
+                                do_sample=False, pad_token_id=0)  # fmt: skip
+            outputs.append(out[0, prompt.shape[1] :].tolist())
+    seconds = time.perf_counter() - started
+    agree = sum(a == b for a, b in zip(outputs, batching["_outputs"], strict=True))
+    return {
+        "seconds": seconds,
+        "adapter_load_seconds": load_seconds,
+        "tokens_per_s": len(revisions) * sizes.tokens / seconds,
+        "mint_distinct_speedup": seconds / batching["distinct_seconds"],
+        "greedy_outputs_equal_to_mint": f"{agree}/{len(revisions)}",
+    }
+
+
+def bench_tiers(base: ResidentBase, adapters: Adapters, sizes: Sizes) -> dict[str, Any]:
+    """(c) one request's latency when its revision is in a slot, in the host cache only,
+    or only in the catalog."""
+    worker = _worker(base, num_slots=2, max_slot_rank=8)
+    latency: dict[str, list[float]] = {"slot": [], "host_cache": [], "catalog": []}
+    try:
+        client = Client(worker, prompt=list(range(10, 30)))
+        client.run(None, sizes.tokens)  # warm the kernels
+        for _ in range(sizes.tier_reps):
+            target, other_a, other_b = (adapters.make(rank=8) for _ in range(3))
+            latency["catalog"].append(client.run(target, sizes.tokens))
+            latency["slot"].append(client.run(target, sizes.tokens))
+            client.run(other_a, 1)
+            client.run(other_b, 1)  # both slots now hold others: target is host-cached only
+            assert worker.bank.find(target.sha256) is None
+            latency["host_cache"].append(client.run(target, sizes.tokens))
+    finally:
+        worker.stop()
+    return {f"{tier}_median_s": statistics.median(v) for tier, v in latency.items()}
+
+
+def bench_copies(base: ResidentBase, adapters: Adapters, reps: int) -> dict[str, Any]:
+    """(d) tier moves against plain copies of the same bytes."""
+    from mint.serve.tiers import SlotBank
+
+    revision = adapters.make(rank=8)
+    bank = SlotBank(base, num_slots=1, max_rank=8)
+    entry = decode_revision(base, revision, *read_revision_files(revision), max_rank=8)
+    flat = torch.ones(entry.nbytes, dtype=torch.uint8)
+    target = torch.empty(entry.nbytes, dtype=torch.uint8, device=base.device)
+
+    def placed() -> None:
+        index = bank.reserve(entry.sha256, entry.label)
+        assert index is not None
+        bank.fill(index, entry)
+        bank.mark_ready(index, refs=0)
+        bank.table[index] = None  # free it again without touching its buffers
+
+    target.copy_(flat)  # first touches (page faults, buffer allocation) stay out of the timing
+    placed()
+    place, copy, admit, read = [], [], [], []
+    for _ in range(reps):
+        started = time.perf_counter()
+        read_revision_files(revision)
+        read.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        decode_revision(base, revision, *read_revision_files(revision), max_rank=8)
+        admit.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        target.copy_(flat)
+        if base.device.type == "cuda":
+            torch.cuda.synchronize(base.device)
+        copy.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        placed()
+        place.append(time.perf_counter() - started)
+    tensors = len(entry.tensors) * 2
+    return {
+        "adapter_bytes": entry.nbytes,
+        "adapter_tensors": tensors,
+        "host_to_slot_s": statistics.median(place),
+        "plain_copy_s": statistics.median(copy),
+        "host_to_slot_over_copy": statistics.median(place) / statistics.median(copy),
+        "catalog_to_host_s": statistics.median(admit),
+        "raw_read_s": statistics.median(read),
+        "catalog_to_host_over_read": statistics.median(admit) / statistics.median(read),
+    }
+
+
+def _zipf_choices(count: int, population: int, rng: random.Random, s: float = 1.1) -> list[int]:
+    weights = [1.0 / (rank + 1) ** s for rank in range(population)]
+    return rng.choices(range(population), weights=weights, k=count)
+
+
+def bench_zipf(base: ResidentBase, adapters: Adapters, sizes: Sizes) -> dict[str, Any]:
+    """(e) Zipf traffic over many small adapters, then a burst of cold ones."""
+    started = time.perf_counter()
+    pool = [adapters.make(rank=8, targets=("q_proj",)) for _ in range(sizes.zipf_adapters)]
+    export_seconds = time.perf_counter() - started
+    entry_bytes = decode_revision(base, pool[0], *read_revision_files(pool[0]), 8).nbytes
+    worker = _worker(base, num_slots=sizes.zipf_slots, max_slot_rank=8,
+                     host_cache_bytes=sizes.zipf_host_entries * entry_bytes,
+                     max_batch_rows=64)  # fmt: skip
+    try:
+        client = Client(worker, prompt=list(range(10, 26)))
+        client.run(None, 2)
+        picks = _zipf_choices(sizes.zipf_requests, len(pool), random.Random(0))
+        latencies = _closed_loop(client, [pool[i] for i in picks], sizes.zipf_clients)
+        stats = worker.stats.snapshot()
+        hits: dict[str, int] = stats["tier_hits"]  # type: ignore[assignment]
+        total = sum(hits.values())
+        zipf = {
+            "adapters": len(pool),
+            "slots": sizes.zipf_slots,
+            "host_cache_entries": sizes.zipf_host_entries,
+            "requests": len(picks),
+            "distinct_requested": len(set(picks)),
+            "export_seconds": export_seconds,
+            "hit_rate": {tier: hits.get(tier, 0) / total for tier in ("slot", "host_cache",
+                                                                      "catalog")},
+            "shared_load_hits": stats["shared_load_hits"],
+            "p50_s": _percentile(latencies, 0.5),
+            "p99_s": _percentile(latencies, 0.99),
+        }  # fmt: skip
+        zipf["burst"] = _burst(worker, client, pool[picks[0]], adapters, sizes)
+    finally:
+        worker.stop()
+    return zipf
+
+
+def _closed_loop(client: Client, order: list[RevisionRecord], clients: int) -> list[float]:
+    latencies: list[float] = []
+    lock = threading.Lock()
+    queue = list(reversed(order))
+
+    def run() -> None:
+        while True:
+            with lock:
+                if not queue:
+                    return
+                revision = queue.pop()
+            seconds = client.run(revision, 4)
+            with lock:
+                latencies.append(seconds)
+
+    threads = [threading.Thread(target=run) for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return latencies
+
+
+def _token_gaps(client: Client, revision: RevisionRecord, tokens: int) -> list[float]:
+    stamps: list[float] = []
+    future, _ = client.submit(revision, tokens, lambda *_: stamps.append(time.perf_counter()))
+    future.inner.result(timeout=600)
+    return [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
+
+
+def _burst(
+    worker: BaseWorker, client: Client, warm: RevisionRecord, adapters: Adapters, sizes: Sizes
+) -> dict[str, Any]:
+    """Per-token latency of a warm request alone, then while `burst` cold adapters load."""
+    cold = [adapters.make(rank=8, targets=("q_proj",)) for _ in range(sizes.burst)]
+    client.run(warm, 1)
+    alone = _token_gaps(client, warm, sizes.warm_tokens)
+    loads_before = worker.stats.snapshot()["cold_loads"]
+    gaps: list[float] = []
+    warm_thread = threading.Thread(
+        target=lambda: gaps.extend(_token_gaps(client, warm, sizes.warm_tokens))
+    )
+    warm_thread.start()
+    time.sleep(0.05)
+    burst_latency = _closed_loop(client, cold, clients=len(cold))
+    warm_thread.join()
+    loads = int(worker.stats.snapshot()["cold_loads"]) - int(loads_before)  # type: ignore[call-overload]
+    return {
+        "cold_adapters": len(cold),
+        "cold_loads": loads,
+        "warm_token_s_alone_p50": _percentile(alone, 0.5),
+        "warm_token_s_during_burst_p50": _percentile(gaps, 0.5),
+        "warm_token_s_during_burst_p99": _percentile(gaps, 0.99),
+        "warm_token_slowdown_p50": _percentile(gaps, 0.5) / _percentile(alone, 0.5),
+        "cold_request_p50_s": _percentile(burst_latency, 0.5),
+        "cold_request_p99_s": _percentile(burst_latency, 0.99),
+        "refusals": worker.stats.snapshot()["refusals"],
+    }
+
+
+def _print(report: dict[str, Any]) -> None:
+    for section, figures in report.items():
+        if not isinstance(figures, dict):
+            print(f"{section:<42} {figures}")
+            continue
+        print(f"[{section}]")
+        for name, value in figures.items():
+            if isinstance(value, dict):
+                value = ", ".join(f"{k}={_fmt(v)}" for k, v in value.items())
+            print(f"  {name:<40} {_fmt(value)}")
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="mint bench serve", description=__doc__.split("\n")[0])
+    parser.add_argument("--bases-dir", type=Path, default=None, help="provisioned bases")
+    parser.add_argument("--out", type=Path, default=Path("runs/bench-serve.json"))
+    parser.add_argument("--quick", action="store_true", help="tiny base, small sizes")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    args = parser.parse_args(argv)
+    sizes = QUICK if args.quick else FULL
+    torch.set_num_threads(args.threads)
+    settings = Settings()
+    bases_dir = args.bases_dir or settings.bases_dir
+    base = load_base(sizes.base, bases_dir, settings.device, settings.dtype)
+    with tempfile.TemporaryDirectory(prefix="mint-bench-serve-") as scratch:
+        adapters = Adapters(base, Path(scratch))
+        report: dict[str, Any] = {"base": base.base_id, "device": str(base.device),
+                                  "threads": args.threads}  # fmt: skip
+        batching = bench_batching(base, adapters, sizes)
+        report["peft"] = bench_peft(base, batching, sizes)
+        report["batching"] = {k: v for k, v in batching.items() if not k.startswith("_")}
+        report["tiers"] = bench_tiers(base, adapters, sizes)
+        report["copies"] = bench_copies(base, adapters, reps=5)
+        report["zipf"] = bench_zipf(base, adapters, sizes)
+        adapters.catalog.close()
+    _print(report)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

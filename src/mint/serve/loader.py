@@ -1,0 +1,207 @@
+"""The cold loader: moves revisions catalog -> host cache -> slot on its own thread.
+
+A sample request whose revision sits in no slot asks the loader for it and gets a future of
+the slot index; the request then waits in the worker's queue while warm requests keep
+decoding. Concurrent misses for one revision share one load (one catalog read, one
+admission). The number of revisions loading or waiting to load is bounded: past the bound a
+new cold request is refused with a retryable `Busy` instead of waiting without end.
+
+When a load completes, every request that waited on it already holds a reference on the
+slot, so no other load can evict the slot before those requests run.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mint.catalog.peft_io import CONFIG_FILE, WEIGHTS_FILE
+from mint.catalog.records import RevisionRecord
+from mint.errors import Busy, InvalidAdapter, MintError
+from mint.models.base import ResidentBase
+from mint.serve.stats import ServeStats
+from mint.serve.tiers import HostCache, HostEntry, SlotBank, decode_revision, revision_label
+
+log = logging.getLogger(__name__)
+
+#: Reads a revision's (adapter_model.safetensors, adapter_config.json) bytes from the catalog.
+RevisionReader = Callable[[RevisionRecord], tuple[bytes, bytes]]
+#: How often a load waiting for an idle slot checks whether the loader is stopping.
+SLOT_WAIT_POLL_S = 0.25
+
+
+def read_revision_files(revision: RevisionRecord) -> tuple[bytes, bytes]:
+    """The two PEFT files of a revision from its blob folder."""
+    folder = Path(revision.blob_path)
+    try:
+        return (folder / WEIGHTS_FILE).read_bytes(), (folder / CONFIG_FILE).read_bytes()
+    except FileNotFoundError as error:
+        raise InvalidAdapter(
+            [f"{Path(str(error.filename)).name} is missing in {folder}; re-export the revision"],
+            subject=f"revision {revision_label(revision)}",
+        ) from None
+
+
+@dataclass
+class _Load:
+    revision: RevisionRecord
+    queued_at: float
+    waiters: int = 1
+    future: concurrent.futures.Future[int] = field(default_factory=concurrent.futures.Future)
+
+
+class ColdLoader:
+    """Schedules and runs cold loads for one base's slot bank."""
+
+    def __init__(
+        self,
+        base: ResidentBase,
+        host_cache: HostCache,
+        bank: SlotBank,
+        stats: ServeStats,
+        max_cold_loads: int,
+        read: RevisionReader = read_revision_files,
+    ) -> None:
+        self.base = base
+        self.host_cache = host_cache
+        self.bank = bank
+        self.stats = stats
+        self.max_cold_loads = max_cold_loads
+        self._read = read
+        self._loads: dict[str, _Load] = {}
+        self._queue: deque[_Load] = deque()
+        self._lock = threading.Condition()
+        self._stopping = False
+        self._mean_load_s = 0.05
+        self._thread = threading.Thread(
+            target=self._loop, name=f"cold-loader-{base.base_id}", daemon=True
+        )
+        self._thread.start()
+
+    @property
+    def queue_depth(self) -> int:
+        """Revisions loading or waiting to load."""
+        with self._lock:
+            return len(self._loads)
+
+    def request(self, revision: RevisionRecord) -> concurrent.futures.Future[int]:
+        """A future of the slot holding `revision`, with one reference taken for the caller.
+
+        Raises `Busy` when the revision is cold and the cold-load queue is full.
+        """
+        with self._lock:
+            index = self.bank.acquire(revision.sha256)
+            if index is not None:
+                self.stats.record_slot_hit()
+                done: concurrent.futures.Future[int] = concurrent.futures.Future()
+                done.set_result(index)
+                return done
+            load = self._loads.get(revision.sha256)
+            if load is not None:
+                load.waiters += 1
+                self.stats.record_shared_hit()
+                return load.future
+            if len(self._loads) >= self.max_cold_loads:
+                self.stats.record_refusal("cold_queue_full")
+                retry = max(1.0, len(self._loads) * self._mean_load_s)
+                raise Busy(
+                    f"{len(self._loads)} revisions are loading on {self.base.base_id} (limit "
+                    f"{self.max_cold_loads}); revision {revision_label(revision)} is cold; "
+                    f"retry in {retry:.0f}s",
+                    retry_after_s=retry,
+                )
+            load = _Load(revision, time.monotonic())
+            self._loads[revision.sha256] = load
+            self._queue.append(load)
+            self._lock.notify()
+            return load.future
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopping = True
+            self._lock.notify_all()
+        self._thread.join(timeout=10)
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._stopping and not self._queue:
+                    self._lock.wait()
+                if self._stopping:
+                    return
+                load = self._queue.popleft()
+            self._run(load)
+
+    def _run(self, load: _Load) -> None:
+        """1. Find the revision in the host cache, else read and admit it from the catalog.
+        2. Reserve a slot (waiting while every slot is in use), copy the tensors in.
+        3. Open the slot with one reference per waiter, then resolve their future."""
+        revision = load.revision
+        started = time.monotonic()
+        try:
+            entry, tier = self._host_entry(revision)
+            index = self._reserve(revision)
+            if index is None:
+                raise MintError(
+                    f"the engine of {self.base.base_id} stopped before revision "
+                    f"{revision_label(revision)} was placed; retry on a running server"
+                )
+            try:
+                self.bank.fill(index, entry)
+            except BaseException:
+                self.bank.abandon(index)
+                raise
+        except Exception as error:
+            self._fail(load, error)
+            return
+        with self._lock:
+            self.bank.mark_ready(index, refs=load.waiters)
+            del self._loads[revision.sha256]
+        seconds = time.monotonic() - started
+        self._mean_load_s = 0.8 * self._mean_load_s + 0.2 * seconds
+        self.stats.record_cold_load(seconds, tier)
+        log.info(
+            "cold load revision=%s slot=%d from=%s waiters=%d seconds=%.3f",
+            revision_label(revision),
+            index,
+            tier,
+            load.waiters,
+            seconds,
+        )
+        load.future.set_result(index)
+
+    def _host_entry(self, revision: RevisionRecord) -> tuple[HostEntry, str]:
+        entry = self.host_cache.get(revision.sha256)
+        if entry is not None:
+            return entry, "host_cache"
+        weights, config = self._read(revision)
+        entry = decode_revision(self.base, revision, weights, config, self.bank.max_rank)
+        self.host_cache.admit(entry)
+        return entry, "catalog"
+
+    def _reserve(self, revision: RevisionRecord) -> int | None:
+        label = revision_label(revision)
+        while True:
+            index = self.bank.reserve(revision.sha256, label, timeout_s=SLOT_WAIT_POLL_S)
+            if index is not None:
+                return index
+            with self._lock:
+                if self._stopping:
+                    return None
+
+    def _fail(self, load: _Load, error: Exception) -> None:
+        with self._lock:
+            self._loads.pop(load.revision.sha256, None)
+        reason = error.code if isinstance(error, MintError) else "load_failed"
+        self.stats.record_refusal(reason)
+        if isinstance(error, MintError):
+            log.warning("cold load of %s refused: %s", revision_label(load.revision), error)
+        else:
+            log.exception("cold load of %s failed", revision_label(load.revision))
+        load.future.set_exception(error)

@@ -1,0 +1,475 @@
+"""The engine's two inner adapter tiers: the host cache and the slot bank.
+
+A revision travels catalog -> host cache -> slot. It is *admitted* to the host cache once:
+its files are checked against its sha256, decoded, and validated against the resident base
+(fingerprint, rank, targets, shapes); every problem is reported in one `InvalidAdapter`. A
+host-cached revision is *placed* in a slot by copying its tensors into that slot's
+preallocated device buffers; a batch reads the slot through views of those buffers, which is
+why a slot in use by a running batch must never be overwritten (reference counts guard it).
+
+State is plain data: the host cache is an ordered map (least recently used first) with a
+byte budget, the slot table a list indexed by slot with None for a free slot.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors
+
+from mint.catalog.peft_io import CONFIG_FILE, WEIGHTS_FILE, adapter_digest, split_tensors
+from mint.catalog.records import RevisionRecord
+from mint.errors import InvalidAdapter, MintError, UserError
+from mint.models.base import ResidentBase
+from mint.models.lora import AdapterTensors
+from mint.serve.types import AdapterRef
+
+log = logging.getLogger(__name__)
+
+
+def revision_label(revision: RevisionRecord) -> str:
+    return f"{revision.policy_id}@{revision.number}"
+
+
+@dataclass(frozen=True)
+class HostEntry:
+    """One admitted revision in host memory, already in the base's dtype."""
+
+    sha256: str
+    label: str
+    rank: int
+    scale: float
+    tensors: AdapterTensors
+    nbytes: int
+
+
+# ------------------------------------------------------------------------------ admission
+
+
+def _config_problems(config_bytes: bytes, revision: RevisionRecord) -> list[str]:
+    import json
+
+    try:
+        config = json.loads(config_bytes)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        return [f"{CONFIG_FILE} is not JSON ({error}); re-export the revision"]
+    if not isinstance(config, dict):
+        return [f"{CONFIG_FILE} is not a JSON object; re-export the revision"]
+    problems = []
+    if config.get("peft_type") != "LORA":
+        problems.append(f"peft_type is {config.get('peft_type')!r}; only 'LORA' is served")
+    if config.get("r") != revision.rank:
+        problems.append(
+            f"{CONFIG_FILE} says r={config.get('r')!r} but the revision record says rank "
+            f"{revision.rank}; the two must agree"
+        )
+    targets = config.get("target_modules")
+    if not isinstance(targets, list) or sorted(targets) != sorted(revision.target_modules):
+        problems.append(
+            f"{CONFIG_FILE} targets {targets!r} but the revision record targets "
+            f"{sorted(revision.target_modules)}; the two must agree"
+        )
+    return problems
+
+
+def _record_problems(
+    base: ResidentBase, revision: RevisionRecord, max_rank: int, weights: bytes, config: bytes
+) -> list[str]:
+    problems = []
+    if adapter_digest(weights, config) != revision.sha256:
+        problems.append(
+            f"the files do not match the revision's sha256 {revision.sha256[:12]}...; the "
+            "stored copy is damaged or truncated; re-export the revision"
+        )
+    if revision.base_id != base.base_id:
+        problems.append(
+            f"it was trained on base {revision.base_id} but this engine serves "
+            f"{base.base_id}; sample it on its own base"
+        )
+    if revision.base_fingerprint != base.fingerprint:
+        problems.append(
+            f"its base fingerprint {revision.base_fingerprint[:12]}... differs from the "
+            f"resident base's {base.fingerprint[:12]}...; the base weights changed since "
+            "training; retrain or re-provision the original base"
+        )
+    if revision.rank > max_rank:
+        problems.append(
+            f"rank {revision.rank} is above the slot bank's max rank {max_rank}; export at "
+            f"rank <= {max_rank} or start the engine with max_slot_rank >= {revision.rank}"
+        )
+    return problems + _config_problems(config, revision)
+
+
+def _module_problems(
+    base: ResidentBase, revision: RevisionRecord, tensors: AdapterTensors
+) -> list[str]:
+    problems = []
+    for path, (a, b) in sorted(tensors.items()):
+        layer = base.layers.get(path)
+        if layer is None:
+            problems.append(f"module {path} is not an adaptable layer of {base.base_id}")
+            continue
+        if path.rsplit(".", 1)[-1] not in revision.target_modules:
+            problems.append(
+                f"module {path} is not among the revision's targets "
+                f"{sorted(revision.target_modules)}"
+            )
+        want_a = (revision.rank, layer.in_features)
+        want_b = (layer.out_features, revision.rank)
+        if tuple(a.shape) != want_a or tuple(b.shape) != want_b:
+            problems.append(
+                f"module {path} has A {tuple(a.shape)} and B {tuple(b.shape)}; the base "
+                f"needs A {list(want_a)} and B {list(want_b)}"
+            )
+    if not tensors:
+        problems.append("it holds no module tensors")
+    return problems
+
+
+def decode_revision(
+    base: ResidentBase,
+    revision: RevisionRecord,
+    weights: bytes,
+    config: bytes,
+    max_rank: int,
+) -> HostEntry:
+    """Decode and validate a revision's two PEFT files against `base`, once.
+
+    Raises one `InvalidAdapter` listing every problem found.
+    """
+    problems = _record_problems(base, revision, max_rank, weights, config)
+    tensors: AdapterTensors = {}
+    try:
+        flat = load_safetensors(weights)
+        tensors = split_tensors(flat, revision.rank, Path(revision.blob_path))
+    except SafetensorError as error:
+        problems.append(f"{WEIGHTS_FILE} is unreadable ({error}); re-export the revision")
+    except InvalidAdapter as error:
+        problems.extend(error.problems)
+    else:
+        problems.extend(_module_problems(base, revision, tensors))
+    if problems:
+        raise InvalidAdapter(problems, subject=f"revision {revision_label(revision)}")
+    pin = base.device.type == "cuda"  # pinned host memory makes the slot copy asynchronous
+    host: AdapterTensors = {}
+    for path, (a, b) in tensors.items():
+        pair = tuple(t.to(dtype=base.dtype).contiguous() for t in (a, b))
+        host[path] = (pair[0].pin_memory(), pair[1].pin_memory()) if pin else (pair[0], pair[1])
+    nbytes = sum(a.nbytes + b.nbytes for a, b in host.values())
+    return HostEntry(
+        sha256=revision.sha256,
+        label=revision_label(revision),
+        rank=revision.rank,
+        scale=revision.alpha / revision.rank,
+        tensors=host,
+        nbytes=nbytes,
+    )
+
+
+# ----------------------------------------------------------------------------- host cache
+
+
+class HostCache:
+    """Admitted revisions in host memory, keyed by sha256, least recently used first.
+
+    Thread-safe: the cold loader admits, the API thread and the loader look entries up.
+    """
+
+    def __init__(self, budget_bytes: int) -> None:
+        if budget_bytes < 1:
+            raise UserError(
+                f"host cache budget is {budget_bytes} bytes; it must be at least 1; "
+                "give the host cache a positive byte budget"
+            )
+        self.budget_bytes = budget_bytes
+        self._entries: OrderedDict[str, HostEntry] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, sha256: str) -> HostEntry | None:
+        """The entry for `sha256` (now the most recently used), or None."""
+        with self._lock:
+            entry = self._entries.get(sha256)
+            if entry is not None:
+                self._entries.move_to_end(sha256)
+            return entry
+
+    def admit(self, entry: HostEntry) -> list[str]:
+        """Keep `entry`, evicting least recently used entries to fit; return evicted sha256s."""
+        if entry.nbytes > self.budget_bytes:
+            raise InvalidAdapter(
+                [
+                    f"it needs {entry.nbytes} bytes of host memory but the host cache budget "
+                    f"is {self.budget_bytes} bytes; raise host_cache_bytes above "
+                    f"{entry.nbytes}"
+                ],
+                subject=f"revision {entry.label}",
+            )
+        evicted: list[str] = []
+        with self._lock:
+            old = self._entries.pop(entry.sha256, None)
+            if old is not None:
+                self._bytes -= old.nbytes
+            while self._entries and self._bytes + entry.nbytes > self.budget_bytes:
+                sha, gone = self._entries.popitem(last=False)
+                self._bytes -= gone.nbytes
+                evicted.append(sha)
+            self._entries[entry.sha256] = entry
+            self._bytes += entry.nbytes
+        for sha in evicted:
+            log.debug("host cache evicted revision=%s", sha[:12])
+        log.debug("host cache admitted revision=%s bytes=%d", entry.label, entry.nbytes)
+        return evicted
+
+    @property
+    def nbytes(self) -> int:
+        with self._lock:
+            return self._bytes
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._entries)
+
+    def table(self) -> list[tuple[str, int]]:
+        """(sha256, bytes) of every entry, least recently used first."""
+        with self._lock:
+            return [(sha, entry.nbytes) for sha, entry in self._entries.items()]
+
+
+# ------------------------------------------------------------------------------- slot bank
+
+
+class SlotState(enum.Enum):
+    #: Reserved for a revision whose tensors are being copied in; not usable yet.
+    PLACING = "placing"
+    #: Holds the revision's tensors; batches may use it.
+    READY = "ready"
+
+
+@dataclass
+class Slot:
+    """What one slot holds. `refs` counts the sample jobs that use it."""
+
+    sha256: str
+    label: str
+    state: SlotState
+    rank: int = 0
+    scale: float = 1.0
+    refs: int = 0
+    pinned: bool = False
+    last_used: int = 0
+
+
+class SlotBank:
+    """A fixed number of device-resident LoRA positions over one base.
+
+    Each slot owns buffers `A [max_rank, in]` and `B^T [max_rank, out]` per adaptable layer,
+    allocated on the slot's first placement and reused afterwards; a revision of rank r
+    occupies the first r rows. Eviction takes the least recently used slot that no job
+    references and that is not pinned.
+    """
+
+    def __init__(self, base: ResidentBase, num_slots: int, max_rank: int) -> None:
+        if num_slots < 1 or max_rank < 1:
+            raise UserError(
+                f"a slot bank of {num_slots} slots at max rank {max_rank} cannot hold an "
+                "adapter; use at least 1 slot and a max rank of at least 1"
+            )
+        self.base = base
+        self.max_rank = max_rank
+        self.table: list[Slot | None] = [None] * num_slots
+        self._buffers: list[dict[str, tuple[torch.Tensor, torch.Tensor]] | None] = [
+            None
+        ] * num_slots
+        self._modules: list[tuple[str, ...]] = [()] * num_slots
+        self._clock = 0
+        self._cond = threading.Condition()
+
+    @property
+    def num_slots(self) -> int:
+        return len(self.table)
+
+    def snapshot(self) -> list[tuple[str, str, int, bool] | None]:
+        """The slot table as plain tuples: (label, state, refs, pinned) or None when free."""
+        with self._cond:
+            return [
+                None if s is None else (s.label, s.state.value, s.refs, s.pinned)
+                for s in self.table
+            ]
+
+    def residents(self) -> list[str]:
+        """sha256 of every revision in a slot, in slot order."""
+        with self._cond:
+            return [slot.sha256 for slot in self.table if slot is not None]
+
+    def find(self, sha256: str) -> int | None:
+        with self._cond:
+            return self._find_locked(sha256)
+
+    def _find_locked(self, sha256: str) -> int | None:
+        for index, slot in enumerate(self.table):
+            if slot is not None and slot.sha256 == sha256:
+                return index
+        return None
+
+    def _tick_locked(self) -> int:
+        self._clock += 1
+        return self._clock
+
+    def acquire(self, sha256: str) -> int | None:
+        """Take a reference on the READY slot holding `sha256`; None when it is in no slot."""
+        with self._cond:
+            index = self._find_locked(sha256)
+            if index is None:
+                return None
+            slot = self.table[index]
+            assert slot is not None
+            if slot.state is not SlotState.READY:
+                return None
+            slot.refs += 1
+            slot.last_used = self._tick_locked()
+            return index
+
+    def release(self, index: int) -> None:
+        with self._cond:
+            slot = self.table[index]
+            if slot is None or slot.refs < 1:
+                raise MintError(
+                    f"slot {index} released without a reference (it holds {slot}); every "
+                    "release must follow one acquire"
+                )
+            slot.refs -= 1
+            self._cond.notify_all()
+
+    def _victim_locked(self) -> int | None:
+        free = [i for i, slot in enumerate(self.table) if slot is None]
+        if free:
+            return free[0]
+        idle = [
+            (slot.last_used, i)
+            for i, slot in enumerate(self.table)
+            if slot is not None
+            and slot.refs == 0
+            and not slot.pinned
+            and slot.state is SlotState.READY
+        ]
+        return min(idle)[1] if idle else None
+
+    def reserve(self, sha256: str, label: str, timeout_s: float | None = None) -> int | None:
+        """Reserve a slot for `sha256` (free, else least recently used idle), waiting up to
+        `timeout_s` for one to become idle; None when the wait ran out."""
+        with self._cond:
+            index = self._victim_locked()
+            if index is None and not self._cond.wait_for(
+                lambda: self._victim_locked() is not None, timeout=timeout_s
+            ):
+                return None
+            index = self._victim_locked()
+            assert index is not None
+            evicted = self.table[index]
+            if evicted is not None:
+                log.debug("slot evicted revision=%s slot=%d", evicted.label, index)
+            self.table[index] = Slot(sha256, label, SlotState.PLACING)
+            return index
+
+    def fill(self, index: int, entry: HostEntry) -> None:
+        """Copy `entry`'s tensors into slot `index`, which the caller has reserved."""
+        with self._cond:
+            slot = self.table[index]
+            if slot is None or slot.state is not SlotState.PLACING or slot.sha256 != entry.sha256:
+                raise MintError(
+                    f"slot {index} holds {slot}, not a reservation for {entry.label}; reserve "
+                    "the slot before filling it"
+                )
+        if entry.rank > self.max_rank:
+            raise InvalidAdapter(
+                [f"rank {entry.rank} is above the slot bank's max rank {self.max_rank}"],
+                subject=f"revision {entry.label}",
+            )
+        buffers = self._buffers[index]
+        if buffers is None:
+            buffers = self._allocate()
+            self._buffers[index] = buffers
+        # The reservation (state PLACING) makes this slot ours alone: no batch reads it.
+        for path, (a, b) in entry.tensors.items():
+            a_buf, bt_buf = buffers[path]
+            a_buf[: entry.rank].copy_(a, non_blocking=True)
+            bt_buf[: entry.rank].copy_(b.t(), non_blocking=True)
+        if self.base.device.type == "cuda":
+            torch.cuda.synchronize(self.base.device)
+        self._modules[index] = tuple(sorted(entry.tensors))
+        with self._cond:
+            slot.rank, slot.scale = entry.rank, entry.scale
+
+    def _allocate(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        device, dtype, rank = self.base.device, self.base.dtype, self.max_rank
+        return {
+            path: (
+                torch.zeros(rank, layer.in_features, device=device, dtype=dtype),
+                torch.zeros(rank, layer.out_features, device=device, dtype=dtype),
+            )
+            for path, layer in self.base.layers.items()
+        }
+
+    def mark_ready(self, index: int, refs: int) -> None:
+        """Open a filled slot for use, with `refs` references already taken for its waiters."""
+        with self._cond:
+            slot = self.table[index]
+            if slot is None or slot.state is not SlotState.PLACING:
+                raise MintError(f"slot {index} holds {slot}; only a PLACING slot becomes ready")
+            slot.state = SlotState.READY
+            slot.refs = refs
+            slot.last_used = self._tick_locked()
+            log.debug("slot placed revision=%s slot=%d refs=%d", slot.label, index, refs)
+            self._cond.notify_all()
+
+    def abandon(self, index: int) -> None:
+        """Give back a reservation whose placement failed."""
+        with self._cond:
+            slot = self.table[index]
+            if slot is not None and slot.state is SlotState.PLACING:
+                self.table[index] = None
+            self._cond.notify_all()
+
+    def set_pinned(self, sha256: str, pinned: bool) -> int:
+        """Pin (never evict) or unpin the slot holding `sha256`; return its index."""
+        with self._cond:
+            index = self._find_locked(sha256)
+            if index is None:
+                raise UserError(
+                    f"revision {sha256[:12]} is in no slot; place it (sample it once) before "
+                    "pinning it"
+                )
+            slot = self.table[index]
+            assert slot is not None
+            others = [s for i, s in enumerate(self.table) if i != index]
+            if pinned and all(s is not None and s.pinned for s in others):
+                raise UserError(
+                    f"pinning {slot.label} would pin all {self.num_slots} slots and leave no "
+                    "slot for other revisions; unpin one first"
+                )
+            slot.pinned = pinned
+            self._cond.notify_all()
+            return index
+
+    def adapter(self, index: int) -> AdapterRef:
+        """Views of slot `index`'s tensors, in the engine's (A, B) layout."""
+        with self._cond:
+            slot = self.table[index]
+            if slot is None or slot.state is not SlotState.READY:
+                raise MintError(f"slot {index} holds {slot}; only a READY slot can be read")
+            rank, scale, key = slot.rank, slot.scale, slot.sha256
+        buffers = self._buffers[index]
+        assert buffers is not None
+        tensors: AdapterTensors = {}
+        for path in self._modules[index]:
+            a_buf, bt_buf = buffers[path]
+            tensors[path] = (a_buf[:rank], bt_buf[:rank].t())
+        return AdapterRef(key=key, tensors=tensors, scale=scale)

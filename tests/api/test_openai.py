@@ -1,0 +1,195 @@
+"""The OpenAI-compatible endpoints, driven by the official `openai` client against a live
+server, sampling a policy trained through the tinker SDK on the tiny base."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import httpx
+import openai
+import pytest
+import tinker
+from tests.api.conftest import API_KEY, OTHER_KEY, TINY, LiveServer
+from tinker import types
+
+from mint.api.openai_routes import TextStream
+
+
+@dataclass
+class Trained:
+    policy: str
+    sampler: tinker.SamplingClient
+    tokenizer: object
+
+
+@pytest.fixture(scope="module")
+def trained(live_server: LiveServer) -> Iterator[Trained]:
+    service = tinker.ServiceClient(base_url=live_server.url, api_key=API_KEY)
+    training = service.create_lora_training_client(base_model=TINY, rank=4, seed=9).result()
+    tokens = list(range(60, 80))
+    datum = types.Datum(
+        model_input=types.ModelInput.from_ints(tokens[:-1]),
+        loss_fn_inputs={"target_tokens": tokens[1:], "weights": [1.0] * (len(tokens) - 1)},
+    )
+    for _ in range(2):
+        training.forward_backward([datum], "cross_entropy").result()
+        training.optim_step(types.AdamParams(learning_rate=5e-2)).result()
+    path = training.save_weights_for_sampler("oa-1").result().path
+    sampler = service.create_sampling_client(model_path=path).result()
+    yield Trained(training.model_id, sampler, training.get_tokenizer())
+    service.close("success").result()
+
+
+@pytest.fixture(scope="module")
+def client(live_server: LiveServer) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{live_server.url}/v1", api_key=API_KEY, max_retries=0)
+
+
+def greedy_tinker_text(trained: Trained, prompt: list[int], max_tokens: int) -> str:
+    params = types.SamplingParams(max_tokens=max_tokens, temperature=0.0)
+    result = trained.sampler.sample(types.ModelInput.from_ints(prompt), 1, params).result()
+    tokens = result.sequences[0].tokens
+    return str(trained.tokenizer.decode(tokens, skip_special_tokens=True))  # type: ignore[attr-defined]
+
+
+def test_streamed_chat_from_a_trained_policy_matches_the_tinker_sampler(
+    client: openai.OpenAI, trained: Trained
+) -> None:
+    messages = [{"role": "user", "content": "count: "}]
+    stream = client.chat.completions.create(
+        model=trained.policy, messages=messages, max_tokens=12, temperature=0, stream=True,
+        stream_options={"include_usage": True},
+    )  # fmt: skip
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    finals = [
+        c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason
+    ]
+    assert finals in (["length"], ["stop"])
+    usage = chunks[-1].usage
+    assert usage is not None and usage.completion_tokens <= 12
+    template = trained.tokenizer.apply_chat_template(  # type: ignore[attr-defined]
+        messages, add_generation_prompt=True, tokenize=False
+    )
+    prompt = trained.tokenizer.encode(template, add_special_tokens=False)  # type: ignore[attr-defined]
+    assert usage.prompt_tokens == len(prompt)
+    assert text == greedy_tinker_text(trained, prompt, 12)
+    whole = client.chat.completions.create(
+        model=f"{trained.policy}:latest", messages=messages, max_tokens=12, temperature=0
+    )
+    assert whole.choices[0].message.content == text
+    assert whole.object == "chat.completion" and whole.model == f"{trained.policy}:latest"
+
+
+def test_completions_take_every_model_form_and_sampling_option(
+    client: openai.OpenAI, trained: Trained
+) -> None:
+    prompt = "the cat"
+    texts = set()
+    for model in (trained.policy, f"{trained.policy}:latest", f"{trained.policy}@1",
+                  f"{trained.policy}@oa-1"):  # fmt: skip
+        answer = client.completions.create(model=model, prompt=prompt, max_tokens=8, temperature=0)
+        texts.add(answer.choices[0].text)
+    assert len(texts) == 1
+    ids = trained.tokenizer.encode(prompt, add_special_tokens=False)  # type: ignore[attr-defined]
+    assert texts == {greedy_tinker_text(trained, ids, 8)}
+    base = client.completions.create(model=TINY, prompt=prompt, max_tokens=8, temperature=0)
+    assert base.choices[0].text != next(iter(texts))  # the policy really changed the output
+    seeded = [
+        client.completions.create(
+            model=trained.policy, prompt=prompt, max_tokens=6, temperature=1.0, top_p=0.9,
+            n=2, seed=5, logprobs=0,
+        )
+        for _ in range(2)
+    ]  # fmt: skip
+    assert [c.text for c in seeded[0].choices] == [c.text for c in seeded[1].choices]
+    assert [c.index for c in seeded[0].choices] == [0, 1]
+    logprobs = seeded[0].choices[0].logprobs
+    assert logprobs is not None and all(lp <= 0 for lp in logprobs.token_logprobs)
+
+
+def test_a_stop_string_ends_the_text_before_it(client: openai.OpenAI, trained: Trained) -> None:
+    free = (
+        client.completions.create(model=trained.policy, prompt="ab", max_tokens=10, temperature=0)
+        .choices[0]
+        .text
+    )
+    assert len(free) >= 4
+    stop = free[2:4]
+    cut = free[: free.find(stop)]
+    for stream in (False, True):
+        answer = client.completions.create(
+            model=trained.policy, prompt="ab", max_tokens=10, temperature=0, stop=[stop],
+            stream=stream,
+        )  # fmt: skip
+        chunks = list(answer) if stream else [answer]
+        text = "".join(c.choices[0].text for c in chunks if c.choices)
+        assert text == cut
+        assert [c.choices[0].finish_reason for c in chunks][-1] == "stop"
+
+
+def test_models_lists_the_callers_policies_and_aliases(
+    live_server: LiveServer, trained: Trained
+) -> None:
+    mine = openai.OpenAI(base_url=f"{live_server.url}/v1", api_key=API_KEY)
+    ids = [model.id for model in mine.models.list()]
+    assert TINY in ids and trained.policy in ids and f"{trained.policy}:latest" in ids
+    theirs = openai.OpenAI(base_url=f"{live_server.url}/v1", api_key=OTHER_KEY)
+    assert trained.policy not in [model.id for model in theirs.models.list()]
+    with pytest.raises(openai.NotFoundError) as caught:
+        theirs.completions.create(model=trained.policy, prompt="x", max_tokens=2)
+    assert "GET /v1/models" in str(caught.value)
+
+
+def test_authentication_and_errors(live_server: LiveServer, trained: Trained) -> None:
+    url = f"{live_server.url}/v1/completions"
+    body = {"model": trained.policy, "prompt": "x", "max_tokens": 2}
+    assert httpx.post(url, json=body, timeout=30).status_code == 401
+    by_header = httpx.post(url, json=body, headers={"X-API-Key": API_KEY}, timeout=30)
+    assert by_header.status_code == 200
+    bad = httpx.post(
+        url,
+        json={**body, "temperature": -1},
+        headers={"Authorization": f"Bearer {API_KEY}"},
+        timeout=30,
+    )
+    assert bad.status_code == 400
+    assert bad.json()["error"]["type"] == "invalid_request_error"
+    assert "temperature is -1.0" in bad.json()["error"]["message"]
+
+
+def test_a_full_cold_queue_is_429_with_retry_after(
+    live_server: LiveServer, trained: Trained
+) -> None:
+    service = tinker.ServiceClient(base_url=live_server.url, api_key=API_KEY)
+    training = service.create_lora_training_client(base_model=TINY, rank=2, seed=4).result()
+    training.save_weights_for_sampler("cold-1").result()
+    loader = live_server.service.worker(TINY).loader
+    limit = loader.max_cold_loads
+    loader.max_cold_loads = 0
+    try:
+        answer = httpx.post(
+            f"{live_server.url}/v1/completions",
+            json={"model": training.model_id, "prompt": "x", "max_tokens": 2},
+            headers={"Authorization": f"Bearer {API_KEY}"},
+            timeout=30,
+        )
+    finally:
+        loader.max_cold_loads = limit
+    assert answer.status_code == 429
+    assert int(answer.headers["Retry-After"]) >= 1
+    assert answer.json()["error"]["code"] == "busy"
+    service.close("success").result()
+
+
+def test_text_stream_holds_back_what_may_start_a_stop_string() -> None:
+    pieces = {1: "he", 2: "l", 3: "lo", 4: " wor", 5: "ld"}
+    stream = TextStream(lambda ts: "".join(pieces[t] for t in ts), stops=["lo w", "xyz"])
+    sent = [stream.push(token, -0.5) for token in (1, 2, 3, 4)]
+    assert sent == ["he", "", "l", ""]
+    assert stream.stopped and stream.text() == "hel"
+    assert stream.push(5, -0.1) == "" and stream.flush() == ""
+    plain = TextStream(lambda ts: "".join(pieces[t] for t in ts), stops=[])
+    assert [plain.push(t, 0.0) for t in (1, 2, 3)] == ["he", "l", "lo"]

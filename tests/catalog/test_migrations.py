@@ -1,0 +1,84 @@
+"""Alembic migrations: a migrated catalog has exactly the ORM's schema, on both backends."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+from alembic import command
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import create_engine, inspect, text
+from tests.catalog.conftest import empty_tables
+
+from mint.catalog import Catalog
+from mint.catalog.migrate import alembic_config, current_revision, head_revision
+from mint.catalog.schema import Base
+
+
+def test_migrated_schema_equals_the_orm_metadata(catalog: Catalog) -> None:
+    with catalog.engine.connect() as connection:
+        context = MigrationContext.configure(connection, opts={"compare_type": True})
+        assert compare_metadata(context, Base.metadata) == []
+    assert current_revision(catalog.engine) == head_revision() == "0002"
+
+
+def test_reopening_a_migrated_catalog_changes_nothing(catalog: Catalog, catalog_url: str) -> None:
+    catalog.close()
+    again = Catalog(catalog_url, Path(catalog.blobs.root))
+    try:
+        assert current_revision(again.engine) == "0002"
+        assert [p.policy_id for p in again.list_policies("acme")[0]] == ["pol"]
+    finally:
+        again.close()
+
+
+def test_a_catalog_made_before_migrations_is_stamped_and_upgraded(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    engine = create_engine(url)
+    config = alembic_config()
+    with engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.upgrade(config, "0001")
+        # What round one's create_all left: the tables and no version table.
+        connection.execute(text("DROP TABLE alembic_version"))
+        connection.execute(
+            text("INSERT INTO tenants (name, created_at) VALUES ('acme', '2026-01-01 00:00:00')")
+        )
+    engine.dispose()
+    catalog = Catalog(url, tmp_path / "blobs")
+    try:
+        assert current_revision(catalog.engine) == "0002"
+        columns = {c["name"] for c in inspect(catalog.engine).get_columns("revisions")}
+        assert "manifest_extra" in columns
+        assert catalog.list_policies("acme") == ([], 0)  # the old tenant row is still there
+    finally:
+        catalog.close()
+
+
+def test_catalogs_opened_at_once_migrate_once(catalog_url: str, tmp_path: Path) -> None:
+    engine = create_engine(catalog_url)
+    with engine.begin() as connection:  # start from a database with no catalog at all
+        for table in ("aliases", "revisions", "training_states", "policies", "api_keys",
+                      "bases", "tenants", "alembic_version"):  # fmt: skip
+            connection.execute(text(f"DROP TABLE IF EXISTS {table}"))
+    engine.dispose()
+    opened: list[Catalog] = []
+    errors: list[BaseException] = []
+
+    def open_one() -> None:
+        try:
+            opened.append(Catalog(catalog_url, tmp_path / "blobs"))
+        except BaseException as error:  # reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=open_one) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == [] and len(opened) == 4
+    assert {current_revision(c.engine) for c in opened} == {"0002"}
+    empty_tables(opened[0])
+    for catalog in opened:
+        catalog.close()

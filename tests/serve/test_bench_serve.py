@@ -1,0 +1,34 @@
+"""`mint bench serve --quick` runs every part on the tiny base and writes consistent JSON."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from mint.bench import serve as bench
+
+
+def test_quick_bench_writes_every_figure(
+    bases_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "serve.json"
+    assert bench.main(["--quick", "--bases-dir", str(bases_dir), "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert sorted(report) == ["base", "batching", "copies", "device", "peft", "threads", "tiers",
+                              "zipf"]  # fmt: skip
+    sizes = bench.QUICK
+    assert report["batching"]["requests"] == sizes.concurrent
+    # PEFT, switching adapters per group, decodes the same greedy tokens as mint's batch.
+    assert (
+        report["peft"]["greedy_outputs_equal_to_mint"] == f"{sizes.concurrent}/{sizes.concurrent}"
+    )
+    assert sorted(report["tiers"]) == ["catalog_median_s", "host_cache_median_s", "slot_median_s"]
+    zipf = report["zipf"]
+    assert (zipf["adapters"], zipf["requests"]) == (sizes.zipf_adapters, sizes.zipf_requests)
+    assert sum(zipf["hit_rate"].values()) == pytest.approx(1.0)
+    assert zipf["p50_s"] <= zipf["p99_s"]
+    assert zipf["burst"]["cold_loads"] == sizes.burst
+    assert report["copies"]["adapter_tensors"] == 28
+    assert "wrote" in capsys.readouterr().out

@@ -1,0 +1,86 @@
+"""Continuous batching: requests join and leave between decode steps without changing any
+request's tokens or logprobs."""
+
+from __future__ import annotations
+
+import random
+
+from tests.serve.conftest import random_adapter
+from tests.serve.test_engine import assert_same_result, greedy, random_request
+
+from mint.models.base import ResidentBase
+from mint.models.lora import ATTENTION_TARGETS, LoraSignature
+from mint.serve import AdapterRef, Engine, SampleRequest, SampleResult
+
+
+def test_requests_joining_at_random_steps_match_running_alone(
+    base: ResidentBase, engine: Engine, atol: float
+) -> None:
+    signatures = [LoraSignature(rank=r, alpha=2 * r) for r in (1, 2, 4, 8)] + [
+        LoraSignature(rank=3, alpha=3, target_modules=ATTENTION_TARGETS)
+    ]
+    many = [
+        random_adapter(base, f"rev-{i}", 100 + i, signatures[i % len(signatures)])
+        for i in range(10)
+    ]
+    rng = random.Random(7)
+    batch = Engine(base, max_batch_rows=6).batch()
+    requests: dict[int, SampleRequest] = {}
+    results: dict[int, SampleResult] = {}
+    streamed: dict[tuple[int, int], list[int]] = {}
+    pending = [random_request(rng, many) for _ in range(24)]
+    steps = 0
+    while pending or batch.load:
+        # Between steps, zero to three new requests join whatever is running.
+        for _ in range(min(rng.randint(0, 3), len(pending))):
+            request = pending.pop()
+            requests[batch.admit(request)] = request
+        tick = batch.step()
+        steps += 1
+        assert batch.rows <= 6
+        for request_id, sample, token, _ in tick.sampled:
+            streamed.setdefault((request_id, sample), []).append(token)
+        results.update(tick.finished)
+    assert len(results) == 24 and steps > 24
+    for request_id, request in requests.items():
+        result = results[request_id]
+        assert_same_result(result, engine.generate([request])[0], atol)
+        for sample, sequence in enumerate(result.sequences):
+            assert streamed[(request_id, sample)] == sequence.tokens
+    assert base.binding.adapters == []
+
+
+def test_a_request_joining_a_long_running_one_changes_neither(
+    engine: Engine, adapters: list[AdapterRef], atol: float
+) -> None:
+    long = SampleRequest(list(range(50, 90)), greedy(30), adapter=adapters[0])
+    late = SampleRequest([3, 1, 4], greedy(5), num_samples=2, adapter=adapters[1])
+    batch = engine.batch()
+    first = batch.admit(long)
+    done: dict[int, SampleResult] = {}
+    for _ in range(12):
+        done.update(batch.step().finished)
+    assert batch.rows == 1 and not done
+    second = batch.admit(late)
+    while batch.load:
+        done.update(batch.step().finished)
+    assert_same_result(done[first], engine.generate([long])[0], atol)
+    assert_same_result(done[second], engine.generate([late])[0], atol)
+
+
+def test_a_bad_request_is_refused_at_admission_and_the_batch_runs_on(
+    engine: Engine, adapters: list[AdapterRef]
+) -> None:
+    batch = engine.batch()
+    good = batch.admit(SampleRequest([1, 2], greedy(3), adapter=adapters[2]))
+    batch.step()
+    try:
+        batch.admit(SampleRequest([], greedy(3)))
+    except ValueError as error:
+        assert "the prompt is empty" in str(error)
+    else:
+        raise AssertionError("an empty prompt was admitted")
+    finished: dict[int, SampleResult] = {}
+    while batch.load:
+        finished.update(batch.step().finished)
+    assert list(finished) == [good] and len(finished[good].sequences[0].tokens) == 3
