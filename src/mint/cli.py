@@ -24,7 +24,7 @@ app.add_typer(policy_app, name="policy")
 app.add_typer(revision_app, name="revision")
 app.add_typer(alias_app, name="alias")
 app.command("gc")(gc)
-console = Console()
+console = Console(emoji=False)  # ids like "s:train:0" are not emoji codes
 
 TenantOption = Annotated[str, typer.Option(help="Tenant that owns the policy.")]
 

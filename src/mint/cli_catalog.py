@@ -25,7 +25,8 @@ log = logging.getLogger(__name__)
 
 revision_app = typer.Typer(no_args_is_help=True, help="Revisions of a policy.")
 alias_app = typer.Typer(no_args_is_help=True, help="Aliases of a policy.")
-console = Console(soft_wrap=True)  # paths and digests stay on one line
+# Paths and digests stay on one line; ids like "s:train:0" are not emoji codes.
+console = Console(soft_wrap=True, emoji=False)
 
 TenantOption = Annotated[str, typer.Option(help="Tenant that owns the policy.")]
 RefArgument = Annotated[

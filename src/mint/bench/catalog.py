@@ -189,7 +189,7 @@ def report(results: dict[str, dict], args: argparse.Namespace) -> None:
     ]  # fmt: skip
     for label, cell in rows:
         table.add_row(label, *(cell(results[b]) for b in results))
-    Console().print(table)
+    Console(emoji=False).print(table)
 
 
 def main(argv: list[str] | None = None) -> int:

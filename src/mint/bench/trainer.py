@@ -199,7 +199,7 @@ def _print(figures: dict[str, Any]) -> None:
     from rich.table import Table
 
     mib = 1024 * 1024
-    console = Console()
+    console = Console(emoji=False)  # ids like "s:train:0" are not emoji codes
     batch = figures["batch"]
     title = (
         f"trainer on {figures['base']} ({figures['device']}/{figures['dtype']}, "

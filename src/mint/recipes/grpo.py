@@ -265,7 +265,7 @@ def run(args: argparse.Namespace, base_url: str, api_key: str, log_dir: Path) ->
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
-    console = Console()
+    console = Console(emoji=False)  # ids like "s:train:0" are not emoji codes
     started = time.monotonic()
     service = tinker.ServiceClient(base_url=base_url, api_key=api_key)
     rates = [float(x) for x in args.learning_rates.split(",") if x.strip()]
