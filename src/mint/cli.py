@@ -139,6 +139,24 @@ def policy_rollback(
     console.print(f"{policy}: {alias} -> revision {to}")
 
 
+BENCHMARKS = ("trainer", "catalog", "serve")
+
+
+@app.command("bench", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def bench(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help=f"One of: {', '.join(BENCHMARKS)}.")],
+) -> None:
+    """Run a benchmark (`mint bench NAME --help`); it prints its figures and writes JSON."""
+    import importlib
+
+    if name not in BENCHMARKS:
+        raise typer.BadParameter(f"unknown benchmark {name!r}; choose from {BENCHMARKS}")
+    _setup_logging()
+    module = importlib.import_module(f"mint.bench.{name}")
+    raise typer.Exit(module.main(list(ctx.args)))
+
+
 @app.command("rl", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def rl(ctx: typer.Context) -> None:
     """Run the GRPO arithmetic recipe (see `mint rl --help-recipe`)."""

@@ -21,3 +21,16 @@ def test_policy_list_prints_ids_verbatim(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["policy", "list"], env={"MINT_HOME": str(tmp_path)})
     assert result.exit_code == 0, result.output
     assert "sess-abc:train:0" in result.output
+
+
+def test_bench_command_dispatches_to_the_benchmark(tmp_path: Path) -> None:
+    out = tmp_path / "catalog-bench.json"
+    result = CliRunner().invoke(
+        app,
+        ["bench", "catalog", "--revisions", "200", "--backends", "sqlite", "--out", str(out)],
+        env={"MINT_HOME": str(tmp_path)},
+    )
+    assert result.exit_code == 0, result.output
+    assert out.exists()
+    refused = CliRunner().invoke(app, ["bench", "nonsense"])
+    assert refused.exit_code != 0 and "unknown benchmark" in refused.output
