@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import concurrent.futures
 import inspect
 import json
@@ -78,6 +79,12 @@ def _custom_loss(data: list[Any], logprobs: list[Any]) -> tuple[Any, dict[str, f
     return total, {"custom:sum": float(total)}
 
 
+def _sampler_id(handle: str) -> str:
+    """The sampling session id inside a sampler handle (base64 JSON, as the SDK writes it)."""
+    padded = handle + "=" * (-len(handle) % 4)
+    return str(json.loads(base64.urlsafe_b64decode(padded))["sampling_session_id"])
+
+
 def _session_search() -> Any:
     return types.SessionSearchRequest()
 
@@ -141,7 +148,7 @@ RECIPES: dict[str, Callable[[Context], Call]] = {
     ),
     "RestClient.get_current_checkpoint_storage_usage": lambda c: ((), {}),
     "RestClient.get_external_weights_urls": lambda c: ((c.sampler_path,), {}),
-    "RestClient.get_sampler": lambda c: ((c.sampler.get_sampler_handle(),), {}),
+    "RestClient.get_sampler": lambda c: ((_sampler_id(c.sampler.get_sampler_handle()),), {}),
     "RestClient.get_server_capabilities": lambda c: ((), {}),
     "RestClient.get_session": lambda c: ((c.session_id,), {}),
     "RestClient.get_telemetry": lambda c: ((), {}),
