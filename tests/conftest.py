@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,8 @@ import torch
 from mint.models.base import ResidentBase, load_base
 
 torch.set_num_threads(2)
+# Tests never reach a model hub: anything that tries fails at once instead of retrying.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 @pytest.fixture(scope="session")
