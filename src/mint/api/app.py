@@ -173,8 +173,9 @@ def add_training_routes(app: FastAPI, service: Service, Tenant: Any) -> None:
     async def get_info(body: wire.ModelRef, tenant: Tenant) -> dict[str, Any]:
         return await asyncio.to_thread(service.get_info, tenant, body.model_id)
 
-    @app.post("/api/v1/forward_backward")
-    async def forward_backward(request: Request, tenant: Tenant) -> dict[str, Any]:
+    async def submit_forward_backward(
+        request: Request, tenant: str, force_forward_only: bool
+    ) -> dict[str, Any]:
         body = await request.body()
         call = decode_forward_backward(body, request.headers.get("content-encoding"))
         future = await asyncio.to_thread(
@@ -185,25 +186,17 @@ def add_training_routes(app: FastAPI, service: Service, Tenant: Any) -> None:
             call.data,
             call.loss_fn,
             call.loss_fn_config,
-            call.forward_only,
+            call.forward_only or force_forward_only,
         )
         return submitted(future, model_id=call.model_id)
 
+    @app.post("/api/v1/forward_backward")
+    async def forward_backward(request: Request, tenant: Tenant) -> dict[str, Any]:
+        return await submit_forward_backward(request, tenant, force_forward_only=False)
+
     @app.post("/api/v1/forward")
     async def forward(request: Request, tenant: Tenant) -> dict[str, Any]:
-        body = await request.body()
-        call = decode_forward_backward(body, request.headers.get("content-encoding"))
-        future = await asyncio.to_thread(
-            service.forward_backward,
-            tenant,
-            call.model_id,
-            call.seq_id,
-            call.data,
-            call.loss_fn,
-            call.loss_fn_config,
-            True,
-        )
-        return submitted(future, model_id=call.model_id)
+        return await submit_forward_backward(request, tenant, force_forward_only=True)
 
     @app.post("/api/v1/optim_step")
     async def optim_step(body: wire.OptimStep, tenant: Tenant) -> dict[str, Any]:
