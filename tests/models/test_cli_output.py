@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from mint.catalog.store import Catalog
-from mint.cli import app
+from mint.cli import app, main
+from mint.errors import UnknownBase
 from mint.models.lora import LoraSignature
 
 
@@ -34,3 +37,29 @@ def test_bench_command_dispatches_to_the_benchmark(tmp_path: Path) -> None:
     assert out.exists()
     refused = CliRunner().invoke(app, ["bench", "nonsense"])
     assert refused.exit_code != 0 and "unknown benchmark" in refused.output
+
+
+def test_models_pull_provisions_and_prints_the_fingerprint(tmp_path: Path) -> None:
+    from mint.models.provision import fingerprint_folder
+
+    env = {"MINT_HOME": str(tmp_path)}
+    pulled = CliRunner().invoke(app, ["models", "pull", "tiny-llama"], env=env)
+    assert pulled.exit_code == 0, pulled.output
+    folder = tmp_path / "bases" / "tiny-llama"
+    assert f"fingerprint {fingerprint_folder(folder)}" in pulled.output
+    listed = CliRunner().invoke(app, ["models", "list"], env=env)
+    assert "mint-test/tiny-llama" in listed.output
+    unknown = CliRunner().invoke(app, ["models", "pull", "acme/nothing"], env=env)
+    assert isinstance(unknown.exception, UnknownBase)
+    assert "unknown base 'acme/nothing'" in str(unknown.exception)
+
+
+def test_entry_point_turns_mint_errors_into_exit_2(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("MINT_HOME", str(tmp_path))
+    monkeypatch.setattr(sys, "argv", ["mint", "models", "pull", "acme/nothing"])
+    with pytest.raises(SystemExit) as exited:
+        main()
+    assert exited.value.code == 2
+    assert "unknown base 'acme/nothing'" in capsys.readouterr().out
