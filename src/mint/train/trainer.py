@@ -28,7 +28,7 @@ from mint.train.losses import compute as compute_loss
 from mint.train.losses import loss_spec, resolve_config
 from mint.train.optimizer import adamw_step_, clip_, global_grad_norm
 from mint.train.passes import JobTally, ResolvedJob, TrainJob, plan_passes
-from mint.train.state import HOST, PolicyState
+from mint.train.state import HOST, BufferPool, Mover, PolicyState
 from mint.train.types import AdamParams, ForwardBackwardResult, TrainDatum
 
 log = logging.getLogger(__name__)
@@ -58,6 +58,9 @@ class Trainer:
         #: Tokens per slice of the unembedding, recomputed in backward (see _target_logprobs).
         self.unembed_chunk_tokens = unembed_chunk_tokens
         self._policies: dict[str, PolicyState] = {}
+        # Buffers freed by swaps are reused by the next ones (see BufferPool).
+        self._pool = BufferPool(spares=4)
+        self._mover = Mover(base.device, self._pool)
         # Policies whose state is on the base's device, least recently used first.
         self._live: OrderedDict[str, None] = OrderedDict()
 
@@ -112,12 +115,16 @@ class Trainer:
         state = self._get(policy_id)
         if policy_id in self._live:
             del self._live[policy_id]
-            state.move_to(HOST)
+            state.move_to(HOST, self._mover)
             log.debug("policy=%s swapped out to host", policy_id)
 
     def device_bytes(self) -> int:
         """Bytes of training state on the base's device: the live policies' tensors."""
         return sum(self._policies[policy_id].nbytes() for policy_id in self._live)
+
+    def spare_bytes(self) -> int:
+        """Bytes of freed swap buffers kept for reuse (device and host)."""
+        return self._pool.nbytes()
 
     def host_bytes(self) -> int:
         """Bytes of training state swapped out to host memory."""
@@ -170,21 +177,22 @@ class Trainer:
     def optim_step(self, policy_id: str, params: AdamParams) -> dict[str, float]:
         """One AdamW step on the accumulated gradients, which are then zeroed."""
         state = self._swap_in(policy_id)
-        grads = state.grads()
+        # One flat buffer per kind: the update is a handful of large elementwise ops.
+        grad = state.flat_grad()
         # 1. The norm is reported before clipping, whether clipping is on or not.
-        norm = global_grad_norm(grads)
-        clip_(grads, params.grad_clip_norm, norm)
+        norm = global_grad_norm([grad])
+        clip_([grad], params.grad_clip_norm, norm)
         # 2. The step counter counts from 1 inside the update (bias correction).
         state.step += 1
         adamw_step_(
-            list(state.weights.values()),
-            grads,
-            list(state.exp_avg.values()),
-            list(state.exp_avg_sq.values()),
+            [state.flat["weights"].detach()],
+            [grad],
+            [state.flat["exp_avg"]],
+            [state.flat["exp_avg_sq"]],
             state.step,
             params,
         )
-        state.zero_grad()
+        state.zero_grad(self._pool)
         log.debug("policy=%s optim_step step=%d grad_norm=%.4g", policy_id, state.step, norm)
         return {"grad_norm:mean": float(norm), "learning_rate:mean": params.learning_rate}
 
@@ -198,7 +206,7 @@ class Trainer:
     def gradients(self, policy_id: str) -> AdapterTensors:
         """Detached CPU copies of the gradients accumulated since the last optim_step."""
         state = self._get(policy_id)
-        grads = dict(zip(state.weights, state.grads(), strict=True))
+        grads = dict(zip(state.layout.names, state.grads(), strict=True))
         return {
             name[:-2]: (_host_copy(grads[name]), _host_copy(grads[name[:-2] + ".B"]))
             for name in grads
@@ -327,9 +335,9 @@ class Trainer:
             return state
         while len(self._live) >= self.max_live_policies:
             victim, _ = self._live.popitem(last=False)
-            self._policies[victim].move_to(HOST)
+            self._policies[victim].move_to(HOST, self._mover)
             log.debug("policy=%s swapped out to host", victim)
-        state.move_to(self.base.device)
+        state.move_to(self.base.device, self._mover)
         self._live[policy_id] = None
         log.debug("policy=%s swapped in to %s", policy_id, self.base.device)
         return state
