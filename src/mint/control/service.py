@@ -21,7 +21,7 @@ from mint.control.futures import FutureTable, JobFuture, JsonResult, Result
 from mint.control.ordering import SeqGate
 from mint.control.paths import CheckpointPath, parse_checkpoint_path
 from mint.control.sessions import Sampler, Session, SessionTable
-from mint.control.worker import BaseWorker, SampleJob, TokenSink, TrainJob
+from mint.control.worker import BaseWorker, ForwardBackwardCall, SampleJob, TokenSink, TrainJob
 from mint.errors import MalformedRequest, MintError, NotFound, UserError
 from mint.models.base import load_base
 from mint.models.lora import LoraSignature, targets_for
@@ -29,7 +29,7 @@ from mint.models.registry import BaseSpec, find_base
 from mint.serve.config import EngineConfig
 from mint.serve.types import SampleRequest, SampleResult
 from mint.train.trainer import Trainer
-from mint.train.types import AdamParams, TrainDatum
+from mint.train.types import AdamParams, ForwardBackwardResult, TrainDatum
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +152,7 @@ class Service:
                 if client is not None and client.base_id in self._workers:
                     done = self.futures.create(session.tenant, "drop_policy")
                     self._workers[client.base_id].submit_train(
-                        TrainJob(done, functools.partial(_dropped, model_id=model_id))
+                        TrainJob(done, functools.partial(_dropped, model_id=model_id), model_id)
                     )
             self.sessions.drop_samplers(session)
             reaped.append(session.session_id)
@@ -188,7 +188,12 @@ class Service:
         return client
 
     def _ordered(
-        self, tenant: str, model_id: str, seq_id: int, kind: str, run: Callable[[Trainer], Result]
+        self,
+        tenant: str,
+        model_id: str,
+        seq_id: int,
+        kind: str,
+        run: Callable[[Trainer], Result] | ForwardBackwardCall,
     ) -> JobFuture:
         client = self.client(tenant, model_id)
         replay = self.gate.replay_of(model_id, seq_id)
@@ -196,9 +201,11 @@ class Service:
             return replay
         future = self.futures.create(tenant, kind)
         worker = self.worker(client.base_id)
-        return self.gate.submit(
-            model_id, seq_id, future, lambda: worker.submit_train(TrainJob(future, run))
-        )
+        if isinstance(run, ForwardBackwardCall):
+            job = TrainJob.of_forward_backward(future, run)
+        else:
+            job = TrainJob(future, run, policy_id=model_id)
+        return self.gate.submit(model_id, seq_id, future, lambda: worker.submit_train(job))
 
     # ------------------------------------------------------------------------ training
     def create_model(
@@ -223,7 +230,9 @@ class Service:
                 tenant, model_id, base.base_id, base.fingerprint, signature, user_metadata
             )
             done = self.futures.create(tenant, "create_policy")
-            worker.submit_train(TrainJob(done, lambda t: _created(t, model_id, signature, seed)))
+            worker.submit_train(
+                TrainJob(done, lambda t: _created(t, model_id, signature, seed), model_id)
+            )
             done.inner.result()
             self._register_client(session, model_id, base.base_id)
             log.info("policy %s created on %s (rank %d)", model_id, base.base_id, signature.rank)
@@ -280,12 +289,12 @@ class Service:
 
         numeric = {k: float(v) for k, v in loss_fn_config.items() if not isinstance(v, str)}
 
-        def run(trainer: Trainer) -> Result:
-            result = trainer.forward_backward(model_id, data, loss_fn, numeric, forward_only)
+        def finish(result: ForwardBackwardResult) -> Result:
             return ProtoResult(encode_forward_backward(result))
 
+        call = ForwardBackwardCall(model_id, data, loss_fn, numeric, forward_only, finish)
         kind = "forward" if forward_only else "forward_backward"
-        return self._ordered(tenant, model_id, seq_id, kind, run)
+        return self._ordered(tenant, model_id, seq_id, kind, call)
 
     def optim_step(
         self, tenant: str, model_id: str, seq_id: int, adam: dict[str, float]
@@ -447,7 +456,7 @@ class Service:
             )
             done = self.futures.create(tenant, "load_policy")
             worker.submit_train(
-                TrainJob(done, lambda t: _loaded(t, new_id, payload, with_optimizer))
+                TrainJob(done, lambda t: _loaded(t, new_id, payload, with_optimizer), new_id)
             )
             done.inner.result()
             self._register_client(session, new_id, base.base_id)

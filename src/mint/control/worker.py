@@ -1,12 +1,13 @@
 """The base worker: the one thread that runs jobs on a resident base.
 
 Trainer and engine share the base's single copy of the weights, so every forward pass on it
-happens on this thread. Training jobs run one at a time in arrival order (the seq gate already
-ordered each client's jobs). Sample jobs join one running batch between decode steps and leave
-it when their last sample stops (continuous batching). A sample job whose revision is in no
-slot waits in the queue while the cold loader fetches it on its own thread; warm jobs keep
-decoding meanwhile. The loop gives a waiting training job the base after every
-`decode_steps_per_turn` decode steps, so neither side starves.
+happens on this thread. Training jobs run in arrival order (the seq gate already ordered each
+client's jobs); small forward_backward jobs of different policies that wait at the same time
+share one multi-LoRA pass (see `_take_train_locked`). Sample jobs join one running batch
+between decode steps and leave it when their last sample stops (continuous batching). A sample
+job whose revision is in no slot waits in the queue while the cold loader fetches it on its own
+thread; warm jobs keep decoding meanwhile. The loop gives a waiting training job the base after
+every `decode_steps_per_turn` decode steps, so neither side starves.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from mint.catalog.records import RevisionRecord
@@ -29,7 +30,9 @@ from mint.serve.loader import ColdLoader, RevisionReader, read_revision_files
 from mint.serve.stats import ServeStats
 from mint.serve.tiers import HostCache, SlotBank
 from mint.serve.types import SampleRequest, SampleResult
+from mint.train.passes import TrainJob as PolicyJob
 from mint.train.trainer import Trainer
+from mint.train.types import ForwardBackwardResult, TrainDatum
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +40,49 @@ log = logging.getLogger(__name__)
 TokenSink = Callable[[int, int, float], None]
 
 
+#: Total tokens up to which waiting forward_backward jobs of different policies share a pass.
+#: Below a few hundred tokens a CPU pass is bound by reading the base weights, which a shared
+#: pass does once for all policies; at 4 x 256 tokens a shared pass measured slower than four
+#: separate ones (`mint bench trainer`), so bigger jobs run one after another.
+SHARED_PASS_TOKENS = 256
+
+
+@dataclass
+class ForwardBackwardCall:
+    """A forward_backward job's arguments, so the worker can run it in a shared pass."""
+
+    policy_id: str
+    data: list[TrainDatum]
+    loss_fn: str
+    loss_fn_config: Mapping[str, float] | None
+    forward_only: bool
+    #: Turns the trainer's result into the job's answer.
+    finish: Callable[[ForwardBackwardResult], Result]
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(datum.input_tokens) for datum in self.data)
+
+    def run(self, trainer: Trainer) -> Result:
+        result = trainer.forward_backward(
+            self.policy_id, self.data, self.loss_fn, self.loss_fn_config, self.forward_only
+        )
+        return self.finish(result)
+
+
 @dataclass
 class TrainJob:
     future: JobFuture
     run: Callable[[Trainer], Result]
+    #: The policy the job reads or changes; None means it may touch any policy, so no later
+    #: job moves ahead of it.
+    policy_id: str | None = None
+    #: Set for forward_backward jobs, which may share a pass with other policies' jobs.
+    forward_backward: ForwardBackwardCall | None = None
+
+    @classmethod
+    def of_forward_backward(cls, future: JobFuture, call: ForwardBackwardCall) -> TrainJob:
+        return cls(future, call.run, call.policy_id, call)
 
 
 @dataclass
@@ -66,8 +108,11 @@ class BaseWorker:
         config: EngineConfig | None = None,
         max_live_policies: int = 8,
         read: RevisionReader = read_revision_files,
+        shared_pass_tokens: int = SHARED_PASS_TOKENS,
     ) -> None:
         self.base = base
+        #: 0 runs every training job alone.
+        self.shared_pass_tokens = shared_pass_tokens
         self.config = config = config or EngineConfig()
         self.trainer = Trainer(base, max_live_policies=max_live_policies)
         self.engine = Engine(base, max_batch_rows=config.max_batch_rows)
@@ -144,12 +189,15 @@ class BaseWorker:
                     return
                 sampling = self._batch.load > 0 or any(j.ready() for j in self._sample_jobs)
                 turn_over = steps_in_turn >= self.config.decode_steps_per_turn
-                train_job = None
+                train_jobs = []
                 if self._train_jobs and (not sampling or turn_over):
-                    train_job = self._train_jobs.popleft()
-                joining = [] if train_job is not None else self._take_ready_locked()
-            if train_job is not None:
-                self._run_train(train_job)
+                    train_jobs = self._take_train_locked()
+                joining = [] if train_jobs else self._take_ready_locked()
+            if len(train_jobs) == 1:
+                self._run_train(train_jobs[0])
+            elif train_jobs:
+                self._run_shared(train_jobs)
+            if train_jobs:
                 steps_in_turn = 0
                 continue
             self._join(joining)
@@ -169,6 +217,71 @@ class BaseWorker:
                 kept.append(job)
         self._sample_jobs = kept
         return taken
+
+    def _take_train_locked(self) -> list[TrainJob]:
+        """The first waiting training job, plus later forward_backward jobs that can share
+        its pass: other policies', same `forward_only`, within `shared_pass_tokens` in all
+        and `max_live_policies` policies. A job never moves ahead of an earlier job of its
+        own policy, nor of a job that may touch any policy, so each policy's order holds."""
+        first = self._train_jobs.popleft()
+        call = first.forward_backward
+        if call is None or call.tokens > self.shared_pass_tokens:
+            return [first]
+        taken, tokens = [first], call.tokens
+        policies = {call.policy_id}
+        blocked: set[str] = set()
+        kept: deque[TrainJob] = deque()
+        while self._train_jobs:
+            job = self._train_jobs.popleft()
+            other = job.forward_backward
+            if (
+                other is not None
+                and other.forward_only == call.forward_only
+                and other.policy_id not in policies | blocked
+                and tokens + other.tokens <= self.shared_pass_tokens
+                and len(taken) < self.trainer.max_live_policies
+            ):
+                taken.append(job)
+                policies.add(other.policy_id)
+                tokens += other.tokens
+                continue
+            kept.append(job)
+            if job.policy_id is None:
+                break
+            blocked.add(job.policy_id)
+        kept.extend(self._train_jobs)
+        self._train_jobs = kept
+        return taken
+
+    def _run_shared(self, jobs: list[TrainJob]) -> None:
+        """Several policies' forward_backward jobs as one multi-LoRA call."""
+        started = time.monotonic()
+        calls = [job.forward_backward for job in jobs]
+        assert all(call is not None for call in calls)
+        try:
+            results = self.trainer.forward_backward_many(
+                [PolicyJob(c.policy_id, c.data, c.loss_fn, c.loss_fn_config) for c in calls],  # type: ignore[union-attr]
+                forward_only=calls[0].forward_only,  # type: ignore[union-attr]
+            )
+        except MintError:
+            # Refused before any work (one job's bad data, a dropped policy): run each job
+            # alone so every future gets its own answer.
+            for job in jobs:
+                self._run_train(job)
+            return
+        except Exception as error:
+            log.exception("shared pass of %d jobs failed", len(jobs))
+            for job in jobs:
+                job.future.set_error(error)
+            return
+        for job, call, result in zip(jobs, calls, results, strict=True):
+            try:
+                job.future.set_result(call.finish(result))  # type: ignore[union-attr]
+            except Exception as error:
+                job.future.set_error(error)
+        log.debug(
+            "%d forward_backward jobs shared a pass, %.3fs", len(jobs), time.monotonic() - started
+        )
 
     def _run_train(self, job: TrainJob) -> None:
         started = time.monotonic()

@@ -71,11 +71,16 @@ AdapterTensors = dict[str, tuple[torch.Tensor, torch.Tensor]]
 
 @dataclass
 class BoundAdapter:
-    """One adapter applied to some rows of the batch (all rows when `rows` is None)."""
+    """One adapter applied to some rows of the batch (all rows when `rows` is None).
+
+    `rows` is an index tensor, or a `slice` of consecutive rows: when every bound adapter
+    has a slice and the slices tile the batch in order (the trainer's segments), each
+    adapter reads its rows as a view and no rows are gathered or scattered.
+    """
 
     tensors: Mapping[str, tuple[torch.Tensor, torch.Tensor]]
     scale: float
-    rows: torch.Tensor | None = None
+    rows: torch.Tensor | slice | None = None
 
 
 @dataclass
@@ -85,17 +90,44 @@ class AdapterBinding:
     adapters: list[BoundAdapter] = field(default_factory=list)
 
     def apply(self, path: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.adapters[0].rows, slice):
+            return self._apply_segments(path, x, y)
         for bound in self.adapters:
             pair = bound.tensors.get(path)
             if pair is None:
                 continue
             a, b = pair
-            if bound.rows is None:
+            rows = bound.rows
+            if rows is None:
                 y = y + bound.scale * ((x @ a.t()) @ b.t())
+            elif isinstance(rows, slice):
+                raise ValueError("row-slice adapters cannot be bound with index-row adapters")
             else:
-                delta = bound.scale * ((x.index_select(0, bound.rows) @ a.t()) @ b.t())
-                y = y.index_add(0, bound.rows, delta.to(y.dtype))
+                delta = bound.scale * ((x.index_select(0, rows) @ a.t()) @ b.t())
+                y = y.index_add(0, rows, delta.to(y.dtype))
         return y
+
+    def _apply_segments(self, path: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Adapters bound to consecutive row slices that tile the batch in order."""
+        pieces = []
+        start = 0
+        for bound in self.adapters:
+            rows = bound.rows
+            if not isinstance(rows, slice) or rows.start != start or rows.step not in (None, 1):
+                raise ValueError(
+                    "row-slice adapters must tile the batch in order; got "
+                    f"{[adapter.rows for adapter in self.adapters]}"
+                )
+            start = rows.stop
+            piece = y[rows]
+            pair = bound.tensors.get(path)
+            if pair is not None:
+                a, b = pair
+                piece = piece + bound.scale * ((x[rows] @ a.t()) @ b.t()).to(y.dtype)
+            pieces.append(piece)
+        if start != y.shape[0]:
+            raise ValueError(f"row slices cover {start} of {y.shape[0]} rows")
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
 
 class LoraLinear(nn.Module):

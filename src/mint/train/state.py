@@ -186,9 +186,7 @@ class PolicyState:
 
         flat = {"weights": flatten(weights).to(HOST).requires_grad_(True)}
         for kind, table in zip(MOMENTS, moments or (None, None), strict=True):
-            flat[kind] = (
-                torch.zeros(layout.numel) if table is None else flatten(table).to(HOST)
-            )
+            flat[kind] = torch.zeros(layout.numel) if table is None else flatten(table).to(HOST)
         return cls(signature, layout, flat, step, HOST)
 
     @property

@@ -302,8 +302,8 @@ class Trainer:
         adapters = []
         for (index, _), start, stop in zip(segments, starts, starts[1:], strict=False):
             state = states[index]
-            rows = None if len(parts) == 1 else torch.arange(start, stop, device=base.device)
-            adapters.append(BoundAdapter(state.adapter(base.dtype), state.signature.scale, rows))
+            segment = None if len(parts) == 1 else slice(start, stop)
+            adapters.append(BoundAdapter(state.adapter(base.dtype), state.signature.scale, segment))
         with torch.set_grad_enabled(not forward_only):
             # 2. One pass of the base over all rows.
             logprobs = self._target_logprobs(adapters, stack(parts))
