@@ -44,7 +44,10 @@ def test_quick_bench_writes_every_figure(
     assert rotation["100"]["host_bytes"] == 96 * one_state
     assert all(row["rss_bytes"] > 0 for row in rotation.values())
     multi = figures["multi_lora"]
-    assert multi["policies"] == 4.0 and multi["tokens"] == 64.0
-    for key in ("sequential_s", "shared_s", "sequential_tokens_per_s", "shared_tokens_per_s"):
-        assert isinstance(multi[key], float) and multi[key] > 0
-    assert multi["speedup"] == pytest.approx(multi["sequential_s"] / multi["shared_s"])
+    assert multi["policies"] == 4.0
+    assert sorted(multi["sizes"]) == ["1x16", "1x4"]
+    assert multi["sizes"]["1x16"]["tokens"] == 64.0
+    for row in multi["sizes"].values():
+        for key in ("sequential_s", "shared_s", "sequential_tokens_per_s", "shared_tokens_per_s"):
+            assert isinstance(row[key], float) and row[key] > 0
+        assert row["speedup"] == pytest.approx(row["sequential_s"] / row["shared_s"])

@@ -6,7 +6,8 @@ Measured on one resident base (SmolLM2-135M by default; `--quick` uses the tiny 
    tokens), and swapping its training state (weights and both Adam moments) out and in;
 2. trainer memory (device and host bytes from the trainer's own state, process RSS) with 1,
    10 and 100 policies in rotation at the first rank;
-3. four policies' jobs as one multi-LoRA pass against the same jobs one after another.
+3. four policies' forward_backward jobs as one multi-LoRA pass against the same jobs one
+   after another, at several job sizes (RL jobs are often a sequence or two per policy).
 
 Ratios come from runs side by side in this process; timings on a shared CPU are noisy.
 """
@@ -37,6 +38,10 @@ log = logging.getLogger(__name__)
 ADAM = AdamParams(learning_rate=1e-4)
 ROTATION_COUNTS = (1, 10, 100)
 MULTI_POLICIES = 4
+#: Per-policy job sizes (rows, tokens per row) for the multi-LoRA comparison; the last one
+#: splits the step's 8 x 128 batch four ways.
+MULTI_SIZES = ((1, 16), (1, 32), (1, 64), (2, 128))
+QUICK_MULTI_SIZES = ((1, 4), (1, 16))
 
 
 def _options(argv: list[str] | None) -> argparse.Namespace:
@@ -132,39 +137,57 @@ def _rotation(base: ResidentBase, rank: int, length: int) -> dict[str, dict[str,
 
 
 def _multi_lora(
-    base: ResidentBase, rank: int, shape: tuple[int, int], repeats: int
-) -> dict[str, float]:
-    """The same four jobs (rows / 4 each) as one shared pass and as four calls."""
+    base: ResidentBase, rank: int, sizes: tuple[tuple[int, int], ...], repeats: int
+) -> dict[str, Any]:
+    """Per job size: four policies' jobs as one shared pass and as four calls."""
     trainer = Trainer(base, max_live_policies=MULTI_POLICIES)
     rng = np.random.default_rng(1)
-    rows = max(1, shape[0] // MULTI_POLICIES)
-    jobs = []
-    for index in range(MULTI_POLICIES):
-        policy_id = f"m{index}"
+    ids = [f"m{index}" for index in range(MULTI_POLICIES)]
+    for index, policy_id in enumerate(ids):
         trainer.create_policy(policy_id, LoraSignature(rank=rank, alpha=2 * rank), index)
-        jobs.append(
-            TrainJob(policy_id, _data(rng, base.vocab_size, rows, shape[1]), "cross_entropy")
-        )
-    tokens = MULTI_POLICIES * rows * shape[1]
+    figures: dict[str, Any] = {}
+    for rows, length in sizes:
+        jobs = [
+            TrainJob(policy_id, _data(rng, base.vocab_size, rows, length), "cross_entropy")
+            for policy_id in ids
+        ]
+        tokens = MULTI_POLICIES * rows * length
 
-    def one_after_another() -> None:
-        for job in jobs:
-            trainer.forward_backward(*job)
+        def one_after_another(jobs: list[TrainJob] = jobs) -> None:
+            for job in jobs:
+                trainer.forward_backward(*job)
 
-    def shared() -> None:
-        trainer.forward_backward_many(jobs)
+        def shared(jobs: list[TrainJob] = jobs) -> None:
+            trainer.forward_backward_many(jobs)
 
-    sequential_s = _median_s(one_after_another, repeats)
-    shared_s = _median_s(shared, repeats)
-    return {
-        "policies": float(MULTI_POLICIES),
-        "tokens": float(tokens),
-        "sequential_s": sequential_s,
-        "shared_s": shared_s,
-        "sequential_tokens_per_s": tokens / sequential_s,
-        "shared_tokens_per_s": tokens / shared_s,
-        "speedup": sequential_s / shared_s,
-    }
+        # Interleaved, so both see the same background load.
+        sequential_s, shared_s = _paired_median_s(one_after_another, shared, repeats)
+        figures[f"{rows}x{length}"] = {
+            "rows_per_policy": float(rows),
+            "tokens_per_row": float(length),
+            "tokens": float(tokens),
+            "sequential_s": sequential_s,
+            "shared_s": shared_s,
+            "sequential_tokens_per_s": tokens / sequential_s,
+            "shared_tokens_per_s": tokens / shared_s,
+            "speedup": sequential_s / shared_s,
+        }
+    return {"policies": float(MULTI_POLICIES), "sizes": figures}
+
+
+def _paired_median_s(
+    first: Callable[[], object], second: Callable[[], object], repeats: int
+) -> tuple[float, float]:
+    """Median wall times of two actions run alternately, after one warm-up run of each."""
+    first()
+    second()
+    times: tuple[list[float], list[float]] = ([], [])
+    for _ in range(repeats):
+        for action, kept in ((first, times[0]), (second, times[1])):
+            started = time.perf_counter()
+            action()
+            kept.append(time.perf_counter() - started)
+    return statistics.median(times[0]), statistics.median(times[1])
 
 
 def run(options: argparse.Namespace) -> dict[str, Any]:
@@ -190,7 +213,8 @@ def run(options: argparse.Namespace) -> dict[str, Any]:
     log.info("bench trainer: rotation memory")
     figures["rotation"] = {"rank": ranks[0], "policies": _rotation(base, ranks[0], 16)}
     log.info("bench trainer: multi-LoRA pass")
-    figures["multi_lora"] = {"rank": ranks[0], **_multi_lora(base, ranks[0], shape, repeats)}
+    sizes = QUICK_MULTI_SIZES if options.quick else MULTI_SIZES
+    figures["multi_lora"] = {"rank": ranks[0], **_multi_lora(base, ranks[0], sizes, repeats)}
     return figures
 
 
@@ -230,12 +254,20 @@ def _print(figures: dict[str, Any]) -> None:
         )
     console.print(memory)
     multi = figures["multi_lora"]
-    console.print(
-        f"multi-LoRA, {multi['policies']:.0f} policies x {multi['tokens'] / 4:.0f} tokens: "
-        f"one after another {multi['sequential_tokens_per_s']:.0f} tok/s, "
-        f"one shared pass {multi['shared_tokens_per_s']:.0f} tok/s "
-        f"(x{multi['speedup']:.2f})"
+    shared = Table(
+        title=f"{multi['policies']:.0f} policies' forward_backward jobs, rank {multi['rank']}: "
+        "one shared multi-LoRA pass vs one after another"
     )
+    for column in ("job per policy", "one after another tok/s", "shared pass tok/s", "speedup"):
+        shared.add_column(column, justify="right")
+    for size, row in multi["sizes"].items():
+        shared.add_row(
+            f"{size} tokens",
+            f"{row['sequential_tokens_per_s']:.0f}",
+            f"{row['shared_tokens_per_s']:.0f}",
+            f"x{row['speedup']:.2f}",
+        )
+    console.print(shared)
 
 
 def main(argv: list[str] | None = None) -> int:

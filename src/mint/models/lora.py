@@ -108,8 +108,13 @@ class AdapterBinding:
         return y
 
     def _apply_segments(self, path: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Adapters bound to consecutive row slices that tile the batch in order."""
-        pieces = []
+        """Adapters bound to consecutive row slices that tile the batch in order.
+
+        The rows are cut with one `split` and the deltas joined with one `cat`: indexing each
+        slice separately would make backward zero-fill and add a full-size gradient per
+        slice and module (measured as a sixth of a 4-policy pass on the CPU).
+        """
+        sizes = []
         start = 0
         for bound in self.adapters:
             rows = bound.rows
@@ -118,16 +123,21 @@ class AdapterBinding:
                     "row-slice adapters must tile the batch in order; got "
                     f"{[adapter.rows for adapter in self.adapters]}"
                 )
+            sizes.append(rows.stop - start)
             start = rows.stop
-            piece = y[rows]
-            pair = bound.tensors.get(path)
-            if pair is not None:
-                a, b = pair
-                piece = piece + bound.scale * ((x[rows] @ a.t()) @ b.t()).to(y.dtype)
-            pieces.append(piece)
         if start != y.shape[0]:
             raise ValueError(f"row slices cover {start} of {y.shape[0]} rows")
-        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+        if all(bound.tensors.get(path) is None for bound in self.adapters):
+            return y
+        deltas = []
+        for bound, rows_x in zip(self.adapters, x.split(sizes), strict=True):
+            pair = bound.tensors.get(path)
+            if pair is None:
+                deltas.append(y.new_zeros((len(rows_x), *y.shape[1:])))
+                continue
+            a, b = pair
+            deltas.append(bound.scale * ((rows_x @ a.t()) @ b.t()))
+        return y + torch.cat(deltas).to(y.dtype)
 
 
 class LoraLinear(nn.Module):
