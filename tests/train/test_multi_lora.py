@@ -9,7 +9,7 @@ from train_helpers import WARM_UP, make_data
 
 from mint.errors import NotFound, UserError
 from mint.models.base import ResidentBase
-from mint.models.lora import ATTENTION_TARGETS, LoraSignature
+from mint.models.lora import ATTENTION_TARGETS, AdapterBinding, BoundAdapter, LoraSignature
 from mint.train import TrainDatum, Trainer
 from mint.train.losses import LOSSES
 from mint.train.passes import ResolvedJob, TrainJob, plan_passes
@@ -154,3 +154,47 @@ def test_bad_calls_are_refused_before_any_work(
     assert str(caught.value) == message
     assert trainer.live_policies == live
     assert tiny_base.binding.adapters == []
+
+
+def _graph_names(output: torch.Tensor) -> set[str]:
+    names, stack, seen = set(), [output.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(type(node).__name__)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return names
+
+
+def test_row_slices_split_once_and_must_tile_the_batch() -> None:
+    """Segments are cut by one split (indexing each slice would zero-fill a full-size
+    gradient per slice in backward) and must cover the batch in order."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 3, 8, generator=generator, requires_grad=True)
+    y = torch.randn(5, 3, 6, generator=generator)
+    pairs = [
+        {"m": (torch.randn(2, 8, generator=generator), torch.randn(6, 2, generator=generator))}
+        for _ in range(2)
+    ]
+    binding = AdapterBinding(
+        [BoundAdapter(pairs[0], 0.5, slice(0, 2)), BoundAdapter(pairs[1], 2.0, slice(2, 5))]
+    )
+    out = binding.apply("m", x, y)
+    names = _graph_names(out)
+    assert "SplitWithSizesBackward0" in names and "SliceBackward0" not in names
+    for rows, (a, b), scale in (
+        (slice(0, 2), pairs[0]["m"], 0.5),
+        (slice(2, 5), pairs[1]["m"], 2.0),
+    ):
+        expected = y[rows] + scale * ((x[rows] @ a.t()) @ b.t())
+        assert torch.equal(out[rows], expected)
+    gaps = AdapterBinding(
+        [BoundAdapter(pairs[0], 0.5, slice(0, 2)), BoundAdapter(pairs[1], 2.0, slice(3, 5))]
+    )
+    with pytest.raises(ValueError, match="row-slice adapters must tile the batch in order"):
+        gaps.apply("m", x, y)
+    short = AdapterBinding([BoundAdapter(pairs[0], 0.5, slice(0, 4))])
+    with pytest.raises(ValueError, match="row slices cover 4 of 5 rows"):
+        short.apply("m", x, y)

@@ -153,3 +153,25 @@ def test_bf16_base_trains_float32_masters(bases_dir: Path) -> None:
     tensors = trainer.adapter_tensors("p")
     assert all(b.dtype == torch.float32 and b.any() for _, b in tensors.values())
     assert all(a.dtype == torch.float32 and a.any() for a, _ in trainer.gradients("p").values())
+
+
+def test_a_swap_is_one_copy_per_buffer(tiny_base: ResidentBase) -> None:
+    """Weights, both moments and a pending gradient each move as one flat copy, however many
+    modules the policy adapts."""
+    trainer = Trainer(tiny_base, max_live_policies=1)
+    trainer.create_policy("a", SIGNATURE, seed=1)
+    trainer.forward_backward("a", make_data(50, [5, 3]), "cross_entropy")
+    copies: list[int] = []
+    original = trainer._mover.copy
+
+    def counted(source: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, object]:
+        copies.append(source.numel())
+        return original(source, device)
+
+    trainer._mover.copy = counted  # type: ignore[method-assign]
+    numel = trainer.device_bytes() // 4 // 4  # weights, 2 moments, gradient; float32
+    trainer.swap_out("a")
+    assert copies == [numel] * 4
+    trainer.optim_step("a", WARM_UP)  # swaps back in: 4 copies, then the gradient is spent
+    trainer.swap_out("a")
+    assert copies == [numel] * 11

@@ -1,8 +1,10 @@
 """A policy's training state, how it moves between device and host, and its saved form.
 
 Training state is the LoRA A/B tensors (float32 master copies), the Adam moments of each and
-the step counter. Accumulated gradients travel with the state between device and host but are
-never saved. The saved form is one safetensors file:
+the step counter. In memory each kind (weights, each moment, a pending gradient) is one flat
+buffer, so moving a policy between device and host is a few large copies into pooled buffers.
+Accumulated gradients travel with the state but are never saved. The saved form is one
+safetensors file:
 
     lora.<module path>.A / .B                    the adapter weights
     adam.<module path>.A.exp_avg / .exp_avg_sq   the Adam moments (same for .B)
@@ -39,10 +41,6 @@ HOST = torch.device("cpu")
 def weight_names(paths: Iterable[str]) -> list[str]:
     """Stable tensor names `<path>.A`, `<path>.B` in sorted module order."""
     return [f"{path}.{part}" for path in sorted(paths) for part in ("A", "B")]
-
-
-#: The kinds of flat buffer a policy's state holds; `grad` exists only while one is pending.
-KINDS = ("weights", "exp_avg", "exp_avg_sq", "grad")
 
 
 @dataclass(frozen=True)
@@ -277,10 +275,6 @@ class PolicyState:
 def _weight_order(name: str) -> tuple[str, str]:
     path, _, part = name.rpartition(".")
     return path, part
-
-
-def zero_moments(weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {name: torch.zeros_like(weight.detach()) for name, weight in weights.items()}
 
 
 def encode(state: PolicyState, base_id: str, base_fingerprint: str) -> bytes:
