@@ -251,6 +251,8 @@ class PolicyState:
 
         With a `mover` the old buffers go back to its pool and, on CUDA, the copies run
         non-blocking (`wait` joins them); without one the copies are plain and blocking.
+        Pooled buffers are reused by other policies, so a view of this state taken before a
+        move must not be read after it (the trainer takes views only within one job).
         """
         self.wait()
         weights = self.flat["weights"]
