@@ -331,10 +331,14 @@ class _StackRows:
     stop: int
     runs: list[_Run]
     modules: frozenset[str]
-    #: Grouped-kernel inputs: cumulative token-row ends per slot of the stack, and each
-    #: token row's scale as a column. None when the rows use one slot or the kernel is out.
+    #: Segmented-kernel inputs: cumulative token-row ends per slot of the stack, and each
+    #: token row's scale as a column.
     offsets: torch.Tensor | None = None
     scales: torch.Tensor | None = None
+    #: Slot-major inputs, when each used slot serves one row: the used slots (None when
+    #: they are the whole stack, in order) and each stack slot's scale.
+    used: torch.Tensor | None = None
+    slot_scales: torch.Tensor | None = None
 
     def delta(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """`scale * x @ A.T @ B.T` for every token row of `x` ([tokens, in]), each row with
@@ -342,6 +346,8 @@ class _StackRows:
         if len(self.runs) == 1:
             run = self.runs[0]
             return ((x @ a[run.slot].t()) * run.scale) @ b[run.slot].t()
+        if self.slot_scales is not None:
+            return self._slot_major(x, a, b, self.slot_scales)
         if self.offsets is not None and self.scales is not None:
             hidden = F.grouped_mm(x, a.transpose(1, 2), offs=self.offsets)
             return F.grouped_mm(hidden * self.scales, b.transpose(1, 2), offs=self.offsets)
@@ -351,6 +357,22 @@ class _StackRows:
             hidden = (part @ a[run.slot].t()) * run.scale
             out[run.first : run.first + run.count] = hidden @ b[run.slot].t()
         return out
+
+    def _slot_major(
+        self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, slot_scales: torch.Tensor
+    ) -> torch.Tensor:
+        """One batched matmul over the whole stack, batch index = slot, reading every
+        slot's weights where they lie; slots no row uses get zero inputs."""
+        slots, tokens = a.shape[0], self.runs[0].count
+        inputs = x.view(len(self.runs), tokens, x.shape[-1])
+        if self.used is not None:
+            padded = inputs.new_zeros(slots, tokens, x.shape[-1])
+            inputs = padded.index_copy_(0, self.used, inputs)
+        hidden = torch.bmm(inputs, a.transpose(1, 2)) * slot_scales
+        out = torch.bmm(hidden, b.transpose(1, 2))
+        if self.used is not None:
+            out = out.index_select(0, self.used)
+        return out.view(x.shape[0], -1)
 
 
 class SlotRows:
@@ -391,10 +413,29 @@ class SlotRows:
                 group.runs.append(_Run(placement.slot, first, tokens_per_row, scale))
             group.stop = index + 1
             group.modules = group.modules | placement.modules
-        if _grouped_mm_runs(device, dtype):
-            for group in self.groups:
-                if len(group.runs) > 1:
-                    self._prepare_kernel(group, device, dtype)
+        kernel = _grouped_mm_runs(device, dtype)
+        for group in self.groups:
+            if len(group.runs) < 2:
+                continue
+            slots = group.stack.flat.shape[0]
+            one_each = all(run.count == tokens_per_row for run in group.runs)
+            # Padding to the whole stack wastes at most half the work when half the slots
+            # are in use; past that, or with several rows per slot, segments are cheaper.
+            if one_each and 2 * len(group.runs) >= slots:
+                self._prepare_slot_major(group, device, dtype)
+            elif kernel:
+                self._prepare_kernel(group, device, dtype)
+
+    @staticmethod
+    def _prepare_slot_major(group: _StackRows, device: torch.device, dtype: torch.dtype) -> None:
+        slots = group.stack.flat.shape[0]
+        scales = [0.0] * slots
+        for run in group.runs:
+            scales[run.slot] = run.scale
+        group.slot_scales = torch.tensor(scales, dtype=dtype, device=device).view(-1, 1, 1)
+        used = [run.slot for run in group.runs]
+        if used != list(range(slots)):
+            group.used = torch.tensor(used, dtype=torch.long, device=device)
 
     @staticmethod
     def _prepare_kernel(group: _StackRows, device: torch.device, dtype: torch.dtype) -> None:
