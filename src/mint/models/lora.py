@@ -227,6 +227,10 @@ class SlotStack:
     rows' adapters where they lie, without gathering them. A revision of a smaller rank
     fills the first rows of A and columns of B and leaves the rest zero; a module it does
     not adapt stays zero too, so it adds exactly nothing.
+
+    B keeps the host cache's `[out, rank]` layout so that placing a revision is a plain copy.
+    Stored transposed, the B half of a one-row-per-slot decode step ran about 5x faster on
+    CPU, but the transposing copy made a placement about 3.5x a plain copy of its bytes.
     """
 
     def __init__(

@@ -277,11 +277,11 @@ class Engine:
 
     def _slot_rows(self, rows: list[_Row], tokens_per_row: int) -> SlotRows | None:
         """The plan serving every row whose revision sits in a slot (rows are in slot order)."""
-        placed = [
-            None if row.adapter is None or row.adapter.placement is None
-            else (row.adapter.placement, row.adapter.scale)
-            for row in rows
-        ]  # fmt: skip
+        placed: list[tuple[SlotPlacement, float] | None] = []
+        for row in rows:
+            placement = _placement(row)
+            placed.append(None if placement is None or row.adapter is None
+                          else (placement, row.adapter.scale))  # fmt: skip
         if not any(placed):
             return None
         return SlotRows(placed, tokens_per_row, self.base.device, self.base.dtype)
