@@ -23,7 +23,7 @@ from mint.control.futures import JobFuture, JsonResult, Result
 from mint.control.worker import BaseWorker, SampleJob
 from mint.errors import Busy
 from mint.models.base import ResidentBase
-from mint.models.lora import ATTENTION_TARGETS, MLP_TARGETS, SlotRows
+from mint.models.lora import ATTENTION_TARGETS, MLP_TARGETS, SlotPlacement, SlotRows, SlotStack
 from mint.serve import AdapterRef, Engine, SampleRequest, SampleResult, SamplingParams
 from mint.serve.config import EngineConfig
 from mint.serve.loader import read_revision_files
@@ -51,12 +51,12 @@ class Traffic:
             revision = None if rng.random() < 0.04 else rng.choice(revisions)
             sampled = rng.random() < 0.5
             params = SamplingParams(
-                max_tokens=rng.randint(1, 6),
+                max_tokens=rng.randint(1, 4),
                 temperature=rng.choice([1.0, 2.0, 4.0]) if sampled else 0.0,
                 seed=rng.randrange(2**32) if sampled else None,
                 stop_tokens=[] if rng.random() < 0.8 else None,
             )
-            prompt = [rng.randrange(1, 250) for _ in range(rng.randint(1, 8))]
+            prompt = [rng.randrange(1, 250) for _ in range(rng.randint(1, 6))]
             samples = 2 if rng.random() < 0.15 else 1
             self.requests.append((revision, SampleRequest(prompt, params, num_samples=samples)))
 
@@ -237,3 +237,48 @@ def test_the_traffic_check_catches_a_slot_reused_mid_batch(
         worker.stop()
     wrong = wrong_results(tiny_base_f64, traffic, results, refs)
     assert len(wrong) > 5
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("tokens", [1, 3])
+@pytest.mark.parametrize(
+    "slots_of_rows",
+    [
+        [2, 2, 2],  # one slot: plain matmuls
+        [0, 1, 2, 3],  # one row per slot, every slot: one batched matmul over the stack
+        [1, 3, 4],  # one row per slot, most slots: the stack with zero rows padded in
+        [0, 0, 3, 3, 3],  # several rows per slot: segments (grouped kernel or per slot)
+    ],
+)
+def test_slot_rows_give_every_row_its_own_slot(
+    dtype: torch.dtype, tokens: int, slots_of_rows: list[int]
+) -> None:
+    # o_proj's strides suit the grouped kernel (float32); the odd sizes take the fallback.
+    shapes = {"m.q_proj": (6, 5), "m.down_proj": (4, 7), "m.o_proj": (8, 12)}
+    stack = SlotStack(shapes, num_slots=5, rank=4, device=torch.device("cpu"), dtype=dtype)
+    generator = torch.Generator().manual_seed(3)
+    stack.flat.copy_(torch.randn(stack.flat.shape, generator=generator, dtype=dtype))
+    scales = [0.5, 1.0, 2.0, 3.0, 4.0]
+    placements = [SlotPlacement(stack, slot, frozenset(shapes)) for slot in range(5)]
+    # A plain-base row first: the served rows are the contiguous rest.
+    rows = [None] + [(placements[slot], scales[slot]) for slot in slots_of_rows]
+    plan = SlotRows(rows, tokens, torch.device("cpu"), dtype)
+    for path, (in_features, out_features) in shapes.items():
+        x = torch.randn(len(rows), tokens, in_features, generator=generator, dtype=dtype)
+        y = torch.randn(len(rows), tokens, out_features, generator=generator, dtype=dtype)
+        want = y.clone()
+        for row, slot in enumerate(slots_of_rows, start=1):
+            a, b = stack.a[path][slot], stack.b[path][slot]
+            want[row] += scales[slot] * (x[row] @ a.t() @ b.t())
+        got = plan.apply(path, x, y.clone())
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert stack.segmentable == {"m.q_proj": False, "m.down_proj": False, "m.o_proj": True}
+
+
+def test_slot_rows_refuse_rows_out_of_slot_order() -> None:
+    stack = SlotStack({"m.q_proj": (2, 2)}, 3, 1, torch.device("cpu"), torch.float32)
+    place = [SlotPlacement(stack, slot, frozenset({"m.q_proj"})) for slot in range(3)]
+    with pytest.raises(ValueError, match="in slot order"):
+        SlotRows([(place[2], 1.0), (place[0], 1.0)], 1, torch.device("cpu"), torch.float32)
+    with pytest.raises(ValueError, match="contiguous"):
+        SlotRows([(place[0], 1.0), None, (place[1], 1.0)], 1, torch.device("cpu"), torch.float32)

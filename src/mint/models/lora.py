@@ -262,6 +262,12 @@ class SlotStack:
         #: Per slot, the views a full-rank revision adapting every module fills, in path
         #: order; built once so a placement costs no per-tensor Python work.
         self._whole: dict[int, list[torch.Tensor]] = {}
+        #: Modules whose views meet grouped matmul's layout rule (every stride a multiple of
+        #: 16 bytes); the rest are served one slot at a time when rows share slots.
+        size = self.flat.element_size()
+        self.segmentable = {
+            path: all(n * size % 16 == 0 for n in (rank, *shapes[path])) for path in self.paths
+        }
 
     def write(
         self, slot: int, rank: int, tensors: Mapping[str, tuple[torch.Tensor, torch.Tensor]]
@@ -344,15 +350,16 @@ class _StackRows:
     used: torch.Tensor | None = None
     slot_scales: torch.Tensor | None = None
 
-    def delta(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """`scale * x @ A.T @ B.T` for every token row of `x` ([tokens, in]), each row with
-        its own slot's A, B and scale."""
+    def delta(self, path: str, x: torch.Tensor) -> torch.Tensor:
+        """`scale * x @ A.T @ B.T` for module `path` and every token row of `x`
+        ([tokens, in]), each row with its own slot's A, B and scale."""
+        a, b = self.stack.a[path], self.stack.b[path]
         if len(self.runs) == 1:
             run = self.runs[0]
             return ((x @ a[run.slot].t()) * run.scale) @ b[run.slot].t()
         if self.slot_scales is not None:
             return self._slot_major(x, a, b, self.slot_scales)
-        if self.offsets is not None and self.scales is not None:
+        if self.offsets is not None and self.scales is not None and self.stack.segmentable[path]:
             hidden = F.grouped_mm(x, a.transpose(1, 2), offs=self.offsets)
             return F.grouped_mm(hidden * self.scales, b.transpose(1, 2), offs=self.offsets)
         out = x.new_empty(x.shape[0], b.shape[1])
@@ -459,6 +466,6 @@ class SlotRows:
                 continue
             rows = x[group.start : group.stop]
             flat = rows.reshape(-1, rows.shape[-1])
-            delta = group.delta(flat, group.stack.a[path], group.stack.b[path])
+            delta = group.delta(path, flat)
             y[group.start : group.stop] += delta.view(*rows.shape[:-1], -1).to(y.dtype)
         return y
