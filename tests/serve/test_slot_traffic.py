@@ -282,3 +282,35 @@ def test_slot_rows_refuse_rows_out_of_slot_order() -> None:
         SlotRows([(place[2], 1.0), (place[0], 1.0)], 1, torch.device("cpu"), torch.float32)
     with pytest.raises(ValueError, match="contiguous"):
         SlotRows([(place[0], 1.0), None, (place[1], 1.0)], 1, torch.device("cpu"), torch.float32)
+
+
+def test_placements_sit_in_their_rank_class_and_clear_what_the_slot_held(
+    revisions: Revisions, tiny_base: ResidentBase
+) -> None:
+    from tests.serve.test_tiers import admitted, place
+
+    four = admitted(tiny_base, revisions.export("pol-4", seed=1, rank=4))
+    three = admitted(
+        tiny_base, revisions.export("pol-3", seed=2, rank=3, targets=ATTENTION_TARGETS)
+    )
+    eight = admitted(tiny_base, revisions.export("pol-8", seed=3, rank=8))
+    bank = SlotBank(tiny_base, num_slots=1, max_rank=8)
+    place(bank, four, refs=0)
+    stack = bank.adapter(0).placement.stack  # type: ignore[union-attr]
+    assert stack.rank == 4 and stack.flat.abs().sum() > 0
+    place(bank, three, refs=0)  # the same slot and class: rank 3 leaves row 4 to zeros
+    placement = bank.adapter(0).placement
+    assert placement is not None and placement.stack is stack and placement.slot == 0
+    assert placement.modules == frozenset(three.tensors)
+    for path in stack.paths:
+        a, b = stack.a[path][0], stack.b[path][0]
+        if path in three.tensors:
+            assert torch.equal(a[:3], three.tensors[path][0])
+            assert torch.equal(b[:, :3], three.tensors[path][1])
+            assert not a[3].any() and not b[:, 3].any()
+        else:
+            assert not a.any() and not b.any()  # the MLP that pol-4 adapted is cleared
+    place(bank, eight, refs=0)
+    placement = bank.adapter(0).placement
+    assert placement is not None and placement.stack.rank == 8
+    assert sorted(bank._stacks) == [4, 8]
