@@ -25,7 +25,8 @@ class EngineConfig:
     max_batch_rows: int = field(default=64, metadata={"env": "MINT_MAX_BATCH_ROWS", "min": 1})
     #: Device-resident adapter positions; a batch can use at most this many adapters.
     num_slots: int = field(default=8, metadata={"env": "MINT_SLOTS", "min": 1})
-    #: Highest LoRA rank a slot holds; each slot's buffers are sized for it.
+    #: Highest LoRA rank a slot holds; slots are stacked per rank class (powers of two up
+    #: to this), so a smaller revision computes at its own class, not at this rank.
     max_slot_rank: int = field(default=32, metadata={"env": "MINT_MAX_SLOT_RANK", "min": 1})
     #: Host memory for decoded revisions, in bytes.
     host_cache_bytes: int = field(

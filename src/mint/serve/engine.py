@@ -4,9 +4,12 @@ Each request is expanded into one row per sample. A `DecodeBatch` holds the rows
 together, at most `max_batch_rows` of them; requests join and leave it between decode steps.
 Joining rows are prefilled on their own (left-padded prompts, an attention mask and explicit
 position ids make the padding invisible) and their key/value cache is then left-padded to the
-running batch's length and appended to it. Every forward pass binds each distinct adapter of
-the batch to its own rows, so rows of one pass use different adapters and rows without one see
-the plain base. Rows that stop leave the batch (cache included) before the next step.
+running batch's length and appended to it. Rows whose revision sits in a slot are served from
+the slot bank's stacks: the batch keeps its rows ordered by (rank class, slot), so one
+segmented matmul per stack and module covers every such row, whatever the number of distinct
+adapters (`mint.models.lora.SlotRows`). An adapter given as tensors of its own (not placed) is
+bound to its rows one adapter at a time; rows without one see the plain base. Rows that stop
+leave the batch (cache included) before the next step.
 
 What a returned logprob means is defined in `mint.serve.sampling`. Only the base's worker
 thread calls the engine, so it holds no locks.
@@ -31,7 +34,7 @@ from transformers import DynamicCache
 
 from mint.errors import UserError
 from mint.models.base import ResidentBase
-from mint.models.lora import BoundAdapter, bound
+from mint.models.lora import BoundAdapter, SlotPlacement, SlotRows, bound
 from mint.serve.checks import check_requests
 from mint.serve.sampling import RowParams, draw, row_generator, sampling_dtype
 from mint.serve.types import (
@@ -70,6 +73,19 @@ def _layers(cache: DynamicCache) -> list[Any]:
     return list(cache.layers)
 
 
+def _placement(row: _Row) -> SlotPlacement | None:
+    return None if row.adapter is None else row.adapter.placement
+
+
+def _slot_order(row: _Row) -> tuple[int, int, int, int]:
+    """Batch order: rows served otherwise first, then by stack and slot, as `SlotRows`
+    needs them."""
+    placement = _placement(row)
+    if placement is None:
+        return (0, 0, 0, 0)
+    return (1, placement.stack.rank, id(placement.stack), placement.slot)
+
+
 @dataclass
 class _Batch:
     """Device state of the rows decoding together, kept aligned with `rows`."""
@@ -83,7 +99,7 @@ class _Batch:
     logits: torch.Tensor | None = None
 
     def keep(self, survivors: list[int]) -> None:
-        """Drop every row not in `survivors` (indices into `rows`) from the batch."""
+        """Keep the rows `survivors` (indices into `rows`), in that order; drop the rest."""
         index = torch.tensor(survivors, dtype=torch.long, device=self.mask.device)
         self.cache.batch_select_indices(index)
         self.rows = [self.rows[i] for i in survivors]
@@ -123,6 +139,9 @@ class _Batch:
         self.params = self.params.concat(other.params)
         assert self.logits is not None and other.logits is not None
         self.logits = torch.cat([self.logits, other.logits])
+        order = sorted(range(len(self.rows)), key=lambda i: _slot_order(self.rows[i]))
+        if order != list(range(len(self.rows))):
+            self.keep(order)
 
 
 @dataclass
@@ -204,6 +223,7 @@ class Engine:
 
     def _prefill(self, rows: list[_Row]) -> _Batch:
         device = self.base.device
+        rows = sorted(rows, key=_slot_order)
         width = max(len(row.prompt) for row in rows)
         ids = torch.full((len(rows), width), self._pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -243,7 +263,8 @@ class Engine:
         self, batch: _Batch, ids: torch.Tensor, positions: torch.Tensor, every_position: bool
     ) -> torch.Tensor:
         extra = {"logits_to_keep": 0 if every_position else 1} if self._trims_logits else {}
-        with bound(self.base.binding, self._bindings(batch.rows)):
+        slot_rows = self._slot_rows(batch.rows, ids.shape[1])
+        with bound(self.base.binding, self._bindings(batch.rows), slot_rows):
             out = self.base.model(
                 input_ids=ids,
                 attention_mask=batch.mask,
@@ -254,11 +275,23 @@ class Engine:
             )
         return out.logits
 
+    def _slot_rows(self, rows: list[_Row], tokens_per_row: int) -> SlotRows | None:
+        """The plan serving every row whose revision sits in a slot (rows are in slot order)."""
+        placed: list[tuple[SlotPlacement, float] | None] = []
+        for row in rows:
+            placement = _placement(row)
+            placed.append(None if placement is None or row.adapter is None
+                          else (placement, row.adapter.scale))  # fmt: skip
+        if not any(placed):
+            return None
+        return SlotRows(placed, tokens_per_row, self.base.device, self.base.dtype)
+
     def _bindings(self, rows: list[_Row]) -> list[BoundAdapter]:
-        """One `BoundAdapter` per distinct adapter key, bound to exactly that key's rows."""
+        """One `BoundAdapter` per distinct adapter key that is not in a slot, bound to
+        exactly that key's rows."""
         groups: dict[str, tuple[AdapterRef, list[int]]] = {}
         for i, row in enumerate(rows):
-            if row.adapter is not None:
+            if row.adapter is not None and row.adapter.placement is None:
                 groups.setdefault(row.adapter.key, (row.adapter, []))[1].append(i)
         bindings = []
         for adapter, members in groups.values():

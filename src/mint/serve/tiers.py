@@ -3,9 +3,10 @@
 A revision travels catalog -> host cache -> slot. It is *admitted* to the host cache once:
 its files are checked against its sha256, decoded, and validated against the resident base
 (fingerprint, rank, targets, shapes); every problem is reported in one `InvalidAdapter`. A
-host-cached revision is *placed* in a slot by copying its tensors into that slot's
-preallocated device buffers; a batch reads the slot through views of those buffers, which is
-why a slot in use by a running batch must never be overwritten (reference counts guard it).
+host-cached revision is *placed* in a slot by copying its tensors into that slot's position
+of a preallocated device stack (one per rank class); a batch reads the slot where it lies,
+which is why a slot in use by a running batch must never be overwritten (reference counts
+guard it).
 
 State is plain data: the host cache is an ordered map (least recently used first) with a
 byte budget, the slot table a list indexed by slot with None for a free slot.
@@ -28,7 +29,7 @@ from mint.catalog.peft_io import CONFIG_FILE, WEIGHTS_FILE, adapter_digest, spli
 from mint.catalog.records import RevisionRecord
 from mint.errors import InvalidAdapter, MintError, UserError
 from mint.models.base import ResidentBase
-from mint.models.lora import AdapterTensors
+from mint.models.lora import AdapterTensors, SlotPlacement, SlotStack, rank_class
 from mint.serve.types import AdapterRef
 
 log = logging.getLogger(__name__)
@@ -270,10 +271,16 @@ class Slot:
 class SlotBank:
     """A fixed number of device-resident LoRA positions over one base.
 
-    Each slot owns buffers `A [max_rank, in]` and `B^T [max_rank, out]` per adaptable layer,
-    allocated on the slot's first placement and reused afterwards; a revision of rank r
-    occupies the first r rows. Eviction takes the least recently used slot that no job
-    references and that is not pinned.
+    Slots are grouped by rank class (`rank_class`: powers of two up to `max_rank`): each
+    class has one `SlotStack`, allocated on its first placement, with a position for every
+    slot, and a slot's revision lives in the stack of its class. So a batch's rank-8 rows
+    compute at rank 8 beside rank-32 rows, and a placement is one batched copy into the
+    stack. Eviction takes the least recently used slot that no job references and that is
+    not pinned.
+
+    Known shortcoming: every class allocated holds a position for every slot, so a bank
+    whose revisions span all classes up to `max_rank` uses up to twice the memory of one
+    padded to `max_rank`; stacks sized per class would lift it.
     """
 
     def __init__(self, base: ResidentBase, num_slots: int, max_rank: int) -> None:
@@ -285,10 +292,8 @@ class SlotBank:
         self.base = base
         self.max_rank = max_rank
         self.table: list[Slot | None] = [None] * num_slots
-        self._buffers: list[dict[str, tuple[torch.Tensor, torch.Tensor]] | None] = [
-            None
-        ] * num_slots
-        self._modules: list[tuple[str, ...]] = [()] * num_slots
+        self._stacks: dict[int, SlotStack] = {}
+        self._placements: list[SlotPlacement | None] = [None] * num_slots
         self._clock = 0
         self._cond = threading.Condition()
 
@@ -393,30 +398,26 @@ class SlotBank:
                 [f"rank {entry.rank} is above the slot bank's max rank {self.max_rank}"],
                 subject=f"revision {entry.label}",
             )
-        buffers = self._buffers[index]
-        if buffers is None:
-            buffers = self._allocate()
-            self._buffers[index] = buffers
+        stack = self._stack(rank_class(entry.rank, self.max_rank))
         # The reservation (state PLACING) makes this slot ours alone: no batch reads it.
-        for path, (a, b) in entry.tensors.items():
-            a_buf, bt_buf = buffers[path]
-            a_buf[: entry.rank].copy_(a, non_blocking=True)
-            bt_buf[: entry.rank].copy_(b.t(), non_blocking=True)
+        stack.write(index, entry.rank, entry.tensors)
         if self.base.device.type == "cuda":
             torch.cuda.synchronize(self.base.device)
-        self._modules[index] = tuple(sorted(entry.tensors))
+        self._placements[index] = SlotPlacement(stack, index, frozenset(entry.tensors))
         with self._cond:
             slot.rank, slot.scale = entry.rank, entry.scale
 
-    def _allocate(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        device, dtype, rank = self.base.device, self.base.dtype, self.max_rank
-        return {
-            path: (
-                torch.zeros(rank, layer.in_features, device=device, dtype=dtype),
-                torch.zeros(rank, layer.out_features, device=device, dtype=dtype),
-            )
-            for path, layer in self.base.layers.items()
-        }
+    def _stack(self, rank: int) -> SlotStack:
+        stack = self._stacks.get(rank)
+        if stack is None:
+            shapes = {
+                path: (layer.in_features, layer.out_features)
+                for path, layer in self.base.layers.items()
+            }
+            stack = SlotStack(shapes, self.num_slots, rank, self.base.device, self.base.dtype)
+            self._stacks[rank] = stack
+            log.debug("slot stack allocated rank=%d bytes=%d", rank, stack.flat.nbytes)
+        return stack
 
     def mark_ready(self, index: int, refs: int) -> None:
         """Open a filled slot for use, with `refs` references already taken for its waiters."""
@@ -460,16 +461,18 @@ class SlotBank:
             return index
 
     def adapter(self, index: int) -> AdapterRef:
-        """Views of slot `index`'s tensors, in the engine's (A, B) layout."""
+        """Slot `index`'s revision for the engine: its placement, and views of its tensors
+        in the engine's (A, B) layout."""
         with self._cond:
             slot = self.table[index]
             if slot is None or slot.state is not SlotState.READY:
                 raise MintError(f"slot {index} holds {slot}; only a READY slot can be read")
             rank, scale, key = slot.rank, slot.scale, slot.sha256
-        buffers = self._buffers[index]
-        assert buffers is not None
-        tensors: AdapterTensors = {}
-        for path in self._modules[index]:
-            a_buf, bt_buf = buffers[path]
-            tensors[path] = (a_buf[:rank], bt_buf[:rank].t())
-        return AdapterRef(key=key, tensors=tensors, scale=scale)
+        placement = self._placements[index]
+        assert placement is not None
+        stack = placement.stack
+        tensors: AdapterTensors = {
+            path: (stack.a[path][index, :rank], stack.b[path][index, :, :rank])
+            for path in sorted(placement.modules)
+        }
+        return AdapterRef(key=key, tensors=tensors, scale=scale, placement=placement)

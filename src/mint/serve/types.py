@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from mint.models.lora import AdapterTensors
+from mint.models.lora import AdapterTensors, SlotPlacement
 
 
 @dataclass
@@ -38,6 +38,9 @@ class AdapterRef:
     key: str
     tensors: AdapterTensors
     scale: float
+    #: Where the revision sits in a slot bank; the engine then serves its rows from the
+    #: bank's stacks. None for tensors of its own, bound per adapter.
+    placement: SlotPlacement | None = None
 
 
 @dataclass
