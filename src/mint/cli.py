@@ -59,14 +59,28 @@ def serve(
 
 
 @models_app.command("pull")
-def models_pull(name: str) -> None:
+def models_pull(
+    name: str,
+    hub_cache: Annotated[
+        bool,
+        typer.Option(
+            help="Also write the tokenizer and config into the Hugging Face hub cache "
+            "(HF_HUB_CACHE or HF_HOME/hub), so clients that look the tokenizer up by model "
+            "id find it offline."
+        ),
+    ] = True,
+) -> None:
     """Provision a base offline (e.g. smollm2-135m-instruct) and print its fingerprint."""
+    from mint.models.hub_cache import publish_to_hub_cache
     from mint.models.provision import ensure_base, read_base_record
 
     _setup_logging()
     folder = ensure_base(name, Settings().bases_dir)
     record = read_base_record(folder)
     console.print(f"{record['public_id']} at {folder}\nfingerprint {record['fingerprint']}")
+    if hub_cache:
+        snapshot = publish_to_hub_cache(folder, record["public_id"], record["fingerprint"])
+        console.print(f"tokenizer and config in the hub cache at {snapshot}", highlight=False)
 
 
 @models_app.command("list")
