@@ -52,10 +52,12 @@ def create_app(service: Service) -> FastAPI:
 
     @app.exception_handler(MintError)
     async def on_mint_error(request: Request, error: MintError) -> JSONResponse:
-        retryable = isinstance(error, Busy)  # back-pressure and job quotas
-        headers = {"x-should-retry": "true" if retryable else "false"}
-        if isinstance(error, Busy):
-            headers["Retry-After"] = str(max(1, round(error.retry_after_s)))
+        headers = {"x-should-retry": "false"}
+        if isinstance(error, Busy):  # back-pressure and job quotas: retry after a pause
+            headers = {
+                "x-should-retry": "true",
+                "Retry-After": str(max(1, round(error.retry_after_s))),
+            }
         status = http_status_for(error)
         if status == 409 and request.url.path.startswith(TINKER_PREFIX):
             # The tinker SDK retries every 409 for five minutes whatever the headers say, so
