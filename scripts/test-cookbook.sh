@@ -10,7 +10,8 @@
 #
 # Environment: MINT_PYTHON (see step 2), MINT_HOME (where the converted base is kept; default ~/.mint),
 # COOKBOOK_RUN_DIR (keep the run's data, logs and metrics there; default a temporary folder),
-# COOKBOOK_RECIPES (space-separated subset of: math_rl sl_basic shorter guess_number).
+# COOKBOOK_RECIPES (space-separated subset of: math_rl sl_basic shorter guess_number),
+# COOKBOOK_WHEELHOUSE (install the cookbook from these wheels, no package index).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -28,7 +29,10 @@ sys.exit(m.version('tinker-cookbook') != '$COOKBOOK_VERSION')" 2>/dev/null; then
   echo "creating $VENV with tinker-cookbook $COOKBOOK_VERSION"
   rm -rf "$VENV"
   python3.11 -m venv "$VENV" 2>/dev/null || python3 -m venv "$VENV"
+  # COOKBOOK_WHEELHOUSE: a folder of wheels (made once with `pip download -d DIR` and the
+  # same requirements) to install from without any package index.
   "$VENV/bin/pip" install --quiet --disable-pip-version-check \
+    ${COOKBOOK_WHEELHOUSE:+--no-index --find-links "$COOKBOOK_WHEELHOUSE"} \
     "tinker-cookbook[math-rl]==$COOKBOOK_VERSION" "torch==2.13.0"
 fi
 COOKBOOK_PY=$VENV/bin/python
@@ -60,7 +64,8 @@ MINT_HOME=$RUN_DIR/home MINT_API_KEYS=cookbook=$TINKER_API_KEY \
 SERVER_PID=$!
 trap 'kill "$SERVER_PID" 2>/dev/null; wait "$SERVER_PID" 2>/dev/null || true' EXIT
 for _ in $(seq 120); do
-  curl -sf "$TINKER_BASE_URL/api/v1/healthz" >/dev/null && break
+  "$MINT_PYTHON" -c "import urllib.request as u; u.urlopen('$TINKER_BASE_URL/api/v1/healthz')" \
+    2>/dev/null && break
   kill -0 "$SERVER_PID" 2>/dev/null || { cat "$RUN_DIR/logs/server.log"; exit 1; }
   sleep 1
 done
