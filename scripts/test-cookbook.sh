@@ -20,7 +20,7 @@ COOKBOOK_VERSION=0.5.8   # newest release whose dependencies the package index h
 MODEL=HuggingFaceTB/SmolLM2-135M-Instruct
 RENDERER=qwen3_instruct  # ChatML, the format of SmolLM2's own chat template
 RECIPES=${COOKBOOK_RECIPES:-"math_rl sl_basic shorter guess_number"}
-RECIPE_TIMEOUT_S=${COOKBOOK_RECIPE_TIMEOUT_S:-600}
+RECIPE_TIMEOUT_S=${COOKBOOK_RECIPE_TIMEOUT_S:-1200}
 
 # 1. The cookbook's virtual environment (torch pinned to the CPU build mint uses).
 VENV=$ROOT/.venv-cookbook
