@@ -59,14 +59,28 @@ def serve(
 
 
 @models_app.command("pull")
-def models_pull(name: str) -> None:
+def models_pull(
+    name: str,
+    hub_cache: Annotated[
+        bool,
+        typer.Option(
+            help="Also write the tokenizer and config into the Hugging Face hub cache "
+            "(HF_HUB_CACHE or HF_HOME/hub), so clients that look the tokenizer up by model "
+            "id find it offline."
+        ),
+    ] = True,
+) -> None:
     """Provision a base offline (e.g. smollm2-135m-instruct) and print its fingerprint."""
+    from mint.models.hub_cache import publish_to_hub_cache
     from mint.models.provision import ensure_base, read_base_record
 
     _setup_logging()
     folder = ensure_base(name, Settings().bases_dir)
     record = read_base_record(folder)
     console.print(f"{record['public_id']} at {folder}\nfingerprint {record['fingerprint']}")
+    if hub_cache:
+        snapshot = publish_to_hub_cache(folder, record["public_id"], record["fingerprint"])
+        console.print(f"tokenizer and config in the hub cache at {snapshot}", highlight=False)
 
 
 @models_app.command("list")
@@ -85,13 +99,63 @@ def models_list() -> None:
 
 @tenant_app.command("add")
 def tenant_add(
-    name: str, key: Annotated[str, typer.Option(help="API key, starting with tml-.")]
+    name: str,
+    key: Annotated[
+        str | None, typer.Option(help="API key to issue (tml-...); default: a new random one.")
+    ] = None,
+    scope: Annotated[
+        list[str] | None,
+        typer.Option(help="Limit the key to this scope (repeatable): train, sample."),
+    ] = None,
+    max_concurrent_jobs: Annotated[
+        int | None, typer.Option(help="Also set the tenant's quota of unfinished jobs.")
+    ] = None,
 ) -> None:
-    """Create tenant NAME (if new) and give it API key KEY (stored hashed)."""
+    """Create tenant NAME (if new) and issue it an API key; only the key's hash is stored."""
+    import secrets
+
+    from mint.api.auth import check_scopes
+    from mint.catalog.rules import API_KEY_PREFIX
+
+    scopes = check_scopes(scope) if scope else None
     catalog = _catalog()
     catalog.ensure_tenant(name)
-    catalog.add_api_key(name, key)
-    console.print(f"tenant {name}: key added")
+    issued = key or API_KEY_PREFIX + secrets.token_urlsafe(32)
+    catalog.add_api_key(name, issued, scopes)
+    if max_concurrent_jobs is not None:
+        catalog.set_job_quota(name, max_concurrent_jobs)
+    granted = ", ".join(scopes) if scopes else "all scopes"
+    console.print(f"tenant {name}: key added ({granted})", highlight=False)
+    if key is None:
+        # Printed once: the catalog keeps only its sha256, so it cannot be shown again.
+        console.print(f"API key (shown only now): {issued}", highlight=False, soft_wrap=True)
+
+
+@tenant_app.command("quota")
+def tenant_quota(
+    name: str,
+    max_concurrent_jobs: Annotated[
+        int | None, typer.Option(help="Most unfinished jobs at once (at least 1).")
+    ] = None,
+    unlimited: Annotated[bool, typer.Option(help="Lift the limit.")] = False,
+) -> None:
+    """Set or lift tenant NAME's quota of unfinished jobs (over it: retryable 429)."""
+    if (max_concurrent_jobs is None) == (not unlimited):
+        raise typer.BadParameter("give either --max-concurrent-jobs N or --unlimited")
+    _catalog().set_job_quota(name, None if unlimited else max_concurrent_jobs)
+    shown = "no limit" if unlimited else f"{max_concurrent_jobs} unfinished jobs"
+    console.print(f"tenant {name}: {shown}", highlight=False)
+
+
+@tenant_app.command("list")
+def tenant_list() -> None:
+    """Tenants, their job quotas and the scopes of their active keys."""
+    table = Table("tenant", "job quota", "active keys", "scopes per key")
+    for tenant in _catalog().list_tenants():
+        scopes = "; ".join(s or "all" for s in tenant.key_scopes) or "-"
+        quota = "-" if tenant.max_concurrent_jobs is None else str(tenant.max_concurrent_jobs)
+        table.add_row(tenant.name, quota, str(len(tenant.key_scopes)), scopes)
+    console.print(table)
 
 
 @tenant_app.command("revoke")

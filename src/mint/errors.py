@@ -41,6 +41,12 @@ class PermissionDenied(UserError):
     code = "permission_denied"
 
 
+class MissingScope(PermissionDenied):
+    """The API key is valid but not allowed this kind of call."""
+
+    code = "missing_scope"
+
+
 class MalformedRequest(UserError):
     code = "malformed_request"
 
@@ -79,6 +85,12 @@ class Busy(MintError):
         self.retry_after_s = retry_after_s
 
 
+class JobQuotaExceeded(Busy):
+    """The tenant already has its quota of unfinished jobs; nothing was queued."""
+
+    code = "job_quota_exceeded"
+
+
 class RequestLost(MintError):
     """A job's result is gone (the server restarted); the SDK resubmits samples on this."""
 
@@ -97,11 +109,13 @@ HTTP_STATUS_BY_CODE: dict[str, int] = {
     "invalid_adapter": 400,
     "unauthenticated": 401,
     "permission_denied": 403,
+    "missing_scope": 403,
     "not_found": 404,
     "unknown_base": 404,
     "conflict": 409,
     "alias_in_use": 409,
     "busy": 429,
+    "job_quota_exceeded": 429,
     "request_lost": 410,
     "job_failed": 500,
     "internal": 500,

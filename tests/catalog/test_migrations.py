@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from pathlib import Path
 
@@ -20,14 +21,14 @@ def test_migrated_schema_equals_the_orm_metadata(catalog: Catalog) -> None:
     with catalog.engine.connect() as connection:
         context = MigrationContext.configure(connection, opts={"compare_type": True})
         assert compare_metadata(context, Base.metadata) == []
-    assert current_revision(catalog.engine) == head_revision() == "0002"
+    assert current_revision(catalog.engine) == head_revision() == "0003"
 
 
 def test_reopening_a_migrated_catalog_changes_nothing(catalog: Catalog, catalog_url: str) -> None:
     catalog.close()
     again = Catalog(catalog_url, Path(catalog.blobs.root))
     try:
-        assert current_revision(again.engine) == "0002"
+        assert current_revision(again.engine) == "0003"
         assert [p.policy_id for p in again.list_policies("acme")[0]] == ["pol"]
     finally:
         again.close()
@@ -45,13 +46,24 @@ def test_a_catalog_made_before_migrations_is_stamped_and_upgraded(tmp_path: Path
         connection.execute(
             text("INSERT INTO tenants (name, created_at) VALUES ('acme', '2026-01-01 00:00:00')")
         )
+        digest = hashlib.sha256(b"tml-old-key").hexdigest()
+        connection.execute(
+            text(
+                "INSERT INTO api_keys (key_sha256, tenant_id, created_at) "
+                f"VALUES ('{digest}', 1, '2026-01-01 00:00:00')"
+            )
+        )
     engine.dispose()
     catalog = Catalog(url, tmp_path / "blobs")
     try:
-        assert current_revision(catalog.engine) == "0002"
+        assert current_revision(catalog.engine) == "0003"
         columns = {c["name"] for c in inspect(catalog.engine).get_columns("revisions")}
         assert "manifest_extra" in columns
         assert catalog.list_policies("acme") == ([], 0)  # the old tenant row is still there
+        # A key issued before scopes existed keeps every scope; the tenant has no quota.
+        grant = catalog.key_grant("tml-old-key")
+        assert grant is not None and grant.tenant == "acme"
+        assert (grant.scopes, grant.max_concurrent_jobs) == (None, None)
     finally:
         catalog.close()
 
@@ -78,7 +90,7 @@ def test_catalogs_opened_at_once_migrate_once(catalog_url: str, tmp_path: Path) 
     for thread in threads:
         thread.join()
     assert errors == [] and len(opened) == 4
-    assert {current_revision(c.engine) for c in opened} == {"0002"}
+    assert {current_revision(c.engine) for c in opened} == {"0003"}
     empty_tables(opened[0])
     for catalog in opened:
         catalog.close()

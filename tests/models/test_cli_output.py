@@ -42,11 +42,14 @@ def test_bench_command_dispatches_to_the_benchmark(tmp_path: Path) -> None:
 def test_models_pull_provisions_and_prints_the_fingerprint(tmp_path: Path) -> None:
     from mint.models.provision import fingerprint_folder
 
-    env = {"MINT_HOME": str(tmp_path)}
+    env = {"MINT_HOME": str(tmp_path), "HF_HOME": str(tmp_path / "hf"), "HF_HUB_CACHE": None}
     pulled = CliRunner().invoke(app, ["models", "pull", "tiny-llama"], env=env)
     assert pulled.exit_code == 0, pulled.output
     folder = tmp_path / "bases" / "tiny-llama"
     assert f"fingerprint {fingerprint_folder(folder)}" in pulled.output
+    # The tokenizer went to the hub cache named by HF_HOME, not the user's own cache.
+    refs_main = tmp_path / "hf" / "hub" / "models--mint-test--tiny-llama" / "refs" / "main"
+    assert refs_main.read_text() == fingerprint_folder(folder)[:40]
     listed = CliRunner().invoke(app, ["models", "list"], env=env)
     assert "mint-test/tiny-llama" in listed.output
     unknown = CliRunner().invoke(app, ["models", "pull", "acme/nothing"], env=env)

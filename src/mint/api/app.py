@@ -1,7 +1,8 @@
 """The FastAPI application: Tinker's `/api/v1` routes over the control plane.
 
 Submitting calls answer at once with a request id; `retrieve_future` long-polls the job.
-Every route except health and capabilities needs an `X-API-Key` that maps to a tenant.
+Every route except health and capabilities needs an `X-API-Key` that maps to a tenant and
+grants the route's scope (`mint.api.auth`).
 """
 
 import asyncio
@@ -15,6 +16,7 @@ from fastapi.responses import JSONResponse, Response
 
 from mint import __version__
 from mint.api import wire
+from mint.api.auth import authorize, key_from_headers
 from mint.api.catalog_routes import add_catalog_routes
 from mint.api.metrics import add_metrics_route
 from mint.api.openai_routes import add_openai_routes
@@ -24,7 +26,7 @@ from mint.control.futures import JobFuture, JsonResult, ProtoResult
 from mint.control.paths import SEGMENT_BY_KIND, CheckpointPath, parse_checkpoint_path
 from mint.control.service import Service
 from mint.errors import (
-    AuthenticationFailed,
+    Busy,
     MalformedRequest,
     MintError,
     UserError,
@@ -50,9 +52,12 @@ def create_app(service: Service) -> FastAPI:
 
     @app.exception_handler(MintError)
     async def on_mint_error(request: Request, error: MintError) -> JSONResponse:
-        headers = {"x-should-retry": "true" if error.code == "busy" else "false"}
-        if error.code == "busy":
-            headers["Retry-After"] = str(max(1, round(getattr(error, "retry_after_s", 1))))
+        headers = {"x-should-retry": "false"}
+        if isinstance(error, Busy):  # back-pressure and job quotas: retry after a pause
+            headers = {
+                "x-should-retry": "true",
+                "Retry-After": str(max(1, round(error.retry_after_s))),
+            }
         status = http_status_for(error)
         if status == 409 and request.url.path.startswith(TINKER_PREFIX):
             # The tinker SDK retries every 409 for five minutes whatever the headers say, so
@@ -70,24 +75,14 @@ def create_app(service: Service) -> FastAPI:
         return JSONResponse(error_body(wrapped), 400, headers={"x-should-retry": "false"})
 
     def tenant_of(
+        request: Request,
         x_api_key: Annotated[str | None, Header()] = None,
         authorization: Annotated[str | None, Header()] = None,
     ) -> str:
-        # OpenAI clients send the key as `Authorization: Bearer tml-...`.
-        if not x_api_key and authorization and authorization.lower().startswith("bearer "):
-            x_api_key = authorization[len("bearer ") :].strip()
-        if not x_api_key:
-            raise AuthenticationFailed(
-                "missing X-API-Key header (or Authorization: Bearer); set TINKER_API_KEY to a "
-                "key made with `mint tenant add NAME --key tml-...`"
-            )
-        tenant = service.catalog.tenant_for_key(x_api_key)
-        if tenant is None:
-            raise AuthenticationFailed(
-                "unknown API key; make one with `mint tenant add NAME --key tml-...` on the "
-                "server and set TINKER_API_KEY to it"
-            )
-        return tenant
+        key = key_from_headers(x_api_key, authorization)
+        route = request.scope.get("route")
+        path = getattr(route, "path", request.url.path)
+        return authorize(service.catalog, key, request.method, path).tenant
 
     Tenant = Annotated[str, Depends(tenant_of)]
     add_bootstrap_routes(app, service, Tenant)

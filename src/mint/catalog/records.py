@@ -17,6 +17,27 @@ CHECKPOINT_KINDS: tuple[str, ...] = ("training", "sampler")
 
 
 @dataclass(frozen=True)
+class KeyGrant:
+    """What an active API key allows: its tenant, its scopes and the tenant's job quota."""
+
+    tenant: str
+    #: None grants every scope (keys issued without a scope list).
+    scopes: frozenset[str] | None
+    max_concurrent_jobs: int | None
+
+    def allows(self, scope: str) -> bool:
+        return self.scopes is None or scope in self.scopes
+
+
+@dataclass(frozen=True)
+class TenantSummary:
+    name: str
+    max_concurrent_jobs: int | None
+    #: The scopes of each active key, as stored (None: every scope).
+    key_scopes: list[str | None]
+
+
+@dataclass(frozen=True)
 class PolicyRecord:
     """A policy: one tenant's line of training over one base with a fixed LoRA signature."""
 

@@ -59,6 +59,8 @@ class TenantRow(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     name: Mapped[str] = mapped_column(String(128), unique=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    #: Most unfinished jobs the tenant may have at once; NULL means no limit.
+    max_concurrent_jobs: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
 
 class ApiKeyRow(Base):
@@ -70,6 +72,8 @@ class ApiKeyRow(Base):
     tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    #: Space-separated scopes the key grants; NULL grants every scope.
+    scopes: Mapped[str | None] = mapped_column(String(256), nullable=True)
 
 
 class BaseRow(Base):

@@ -38,7 +38,14 @@ from mint.catalog.peft_io import (
     folder_digest,
     write_peft_folder,
 )
-from mint.catalog.records import CHECKPOINT_KINDS, CheckpointRecord, PolicyRecord, RevisionRecord
+from mint.catalog.records import (
+    CHECKPOINT_KINDS,
+    CheckpointRecord,
+    KeyGrant,
+    PolicyRecord,
+    RevisionRecord,
+    TenantSummary,
+)
 from mint.catalog.schema import (
     AliasRow,
     ApiKeyRow,
@@ -105,14 +112,20 @@ class Catalog:
         except IntegrityError:
             pass  # a concurrent ensure_tenant created it: the outcome asked for
 
-    def add_api_key(self, tenant: str, key: str) -> None:
+    def add_api_key(self, tenant: str, key: str, scopes: Sequence[str] | None = None) -> None:
+        """Issue `key` to `tenant`, granting `scopes` (None: every scope), stored hashed."""
         rules.check_api_key(key)
         digest = _key_digest(key)
+        granted = None if scopes is None else " ".join(sorted(set(scopes)))
         with self._writing() as session:
             owner = _tenant_row(session, tenant)
             existing = session.get(ApiKeyRow, digest)
             if existing is None:
-                session.add(ApiKeyRow(key_sha256=digest, tenant_id=owner.id, created_at=utc_now()))
+                session.add(
+                    ApiKeyRow(
+                        key_sha256=digest, tenant_id=owner.id, created_at=utc_now(), scopes=granted
+                    )
+                )
                 log.info("API key %s added for tenant %s", rules.key_hint(key), tenant)
                 return
             if existing.tenant_id != owner.id or existing.revoked_at is not None:
@@ -134,12 +147,53 @@ class Catalog:
 
     def tenant_for_key(self, key: str) -> str | None:
         """The tenant owning active key `key`, or None for an unknown or revoked key."""
+        grant = self.key_grant(key)
+        return None if grant is None else grant.tenant
+
+    def key_grant(self, key: str) -> KeyGrant | None:
+        """Who active key `key` speaks for and what it may do; None if unknown or revoked."""
         with self._reading() as session:
-            return session.scalar(
-                select(TenantRow.name)
+            row = session.execute(
+                select(TenantRow.name, ApiKeyRow.scopes, TenantRow.max_concurrent_jobs)
                 .join(ApiKeyRow, ApiKeyRow.tenant_id == TenantRow.id)
                 .where(ApiKeyRow.key_sha256 == _key_digest(key), ApiKeyRow.revoked_at.is_(None))
+            ).first()
+        if row is None:
+            return None
+        scopes = None if row.scopes is None else frozenset(row.scopes.split())
+        return KeyGrant(row.name, scopes, row.max_concurrent_jobs)
+
+    def set_job_quota(self, tenant: str, max_concurrent_jobs: int | None) -> None:
+        """Limit `tenant` to that many unfinished jobs at once (None: no limit)."""
+        if max_concurrent_jobs is not None and max_concurrent_jobs < 1:
+            raise UserError(
+                f"max_concurrent_jobs {max_concurrent_jobs} must be at least 1; "
+                "lift the limit instead to allow any number"
             )
+        with self._writing() as session:
+            _tenant_row(session, tenant).max_concurrent_jobs = max_concurrent_jobs
+        log.info("tenant %s job quota set to %s", tenant, max_concurrent_jobs or "no limit")
+
+    def job_quota(self, tenant: str) -> int | None:
+        with self._reading() as session:
+            return session.scalar(
+                select(TenantRow.max_concurrent_jobs).where(TenantRow.name == tenant)
+            )
+
+    def list_tenants(self) -> list[TenantSummary]:
+        """Every tenant with its quota and the scopes of each of its active keys."""
+        with self._reading() as session:
+            tenants = session.scalars(select(TenantRow).order_by(TenantRow.name)).all()
+            keys = session.execute(
+                select(ApiKeyRow.tenant_id, ApiKeyRow.scopes).where(ApiKeyRow.revoked_at.is_(None))
+            ).all()
+        scopes_by_tenant: dict[int, list[str | None]] = {}
+        for tenant_id, scopes in keys:
+            scopes_by_tenant.setdefault(tenant_id, []).append(scopes)
+        return [
+            TenantSummary(t.name, t.max_concurrent_jobs, scopes_by_tenant.get(t.id, []))
+            for t in tenants
+        ]
 
     # -- bases ---------------------------------------------------------------------------
 

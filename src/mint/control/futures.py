@@ -14,7 +14,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from mint.errors import MintError, NotFound, RequestLost
+from mint.errors import JobQuotaExceeded, MintError, NotFound, RequestLost
 
 
 @dataclass(frozen=True)
@@ -68,10 +68,15 @@ class JobFuture:
 
 
 class FutureTable:
-    """All futures by request id, scoped by tenant (another tenant's id reads as missing)."""
+    """All futures by request id, scoped by tenant (another tenant's id reads as missing).
+
+    It also counts each tenant's unfinished futures, which is what a tenant's job quota
+    bounds.
+    """
 
     def __init__(self, keep_done_s: float = 3600.0) -> None:
         self._futures: dict[str, JobFuture] = {}
+        self._unfinished: dict[str, int] = {}
         self._lock = threading.Lock()
         self._counter = itertools.count(1)
         self._keep_done_s = keep_done_s
@@ -79,13 +84,42 @@ class FutureTable:
         # restart can be told apart from a made-up id and answered "lost", not "not found".
         self.boot_id = secrets.token_hex(4)
 
-    def create(self, tenant: str, kind: str) -> JobFuture:
+    def create(self, tenant: str, kind: str, quota: int | None = None) -> JobFuture:
+        """A new future for `tenant`; with a `quota`, refuse when that many are unfinished.
+
+        The refusal (`JobQuotaExceeded`, a retryable 429) happens before anything is queued,
+        so the client's retry of the same request loses and doubles nothing.
+        """
         with self._lock:
             self._expire_locked()
+            unfinished = self._unfinished.get(tenant, 0)
+            if quota is not None and unfinished >= quota:
+                raise JobQuotaExceeded(
+                    f"tenant {tenant!r} has {unfinished} unfinished jobs, its quota is {quota}; "
+                    "retry after some finish (nothing was queued), or raise the quota with "
+                    "`mint tenant quota NAME --max-concurrent-jobs N`",
+                    retry_after_s=1.0,
+                )
             request_id = f"req-{self.boot_id}-{next(self._counter)}"
             future = JobFuture(request_id=request_id, tenant=tenant, kind=kind)
             self._futures[request_id] = future
-            return future
+            self._unfinished[tenant] = unfinished + 1
+        future.inner.add_done_callback(lambda _: self._finished(tenant))
+        return future
+
+    def unfinished(self, tenant: str) -> int:
+        with self._lock:
+            return self._unfinished.get(tenant, 0)
+
+    def discard(self, future: JobFuture, error: BaseException) -> None:
+        """Forget a future whose job was never queued (so it stops counting as unfinished)."""
+        with self._lock:
+            self._futures.pop(future.request_id, None)
+        future.set_error(error)
+
+    def _finished(self, tenant: str) -> None:
+        with self._lock:
+            self._unfinished[tenant] = self._unfinished.get(tenant, 1) - 1
 
     def get(self, tenant: str, request_id: str) -> JobFuture:
         with self._lock:

@@ -67,6 +67,12 @@ class SeqGate:
             job()
         return future
 
+    def is_awaited(self, client_id: str, seq_id: int) -> bool:
+        """Whether a job already parked for this client waits for `seq_id` to run first."""
+        with self._lock:
+            parked = self._parked.get(client_id)
+            return bool(seq_id and parked and seq_id < max(parked))
+
     def advance_to(self, client_id: str, next_seq_id: int) -> None:
         """Move a client's expected seq_id forward (e.g. after a load consumed ids)."""
         with self._lock:

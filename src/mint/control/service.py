@@ -164,8 +164,14 @@ class Service:
         return reaped
 
     # ------------------------------------------------------------------- job plumbing
-    def _in_background(self, tenant: str, kind: str, work: Callable[[], Result]) -> JobFuture:
-        future = self.futures.create(tenant, kind)
+    def _quota(self, tenant: str) -> int | None:
+        """The tenant's job quota, checked where a client's request becomes a job."""
+        return self.catalog.job_quota(tenant)
+
+    def _in_background(
+        self, tenant: str, kind: str, work: Callable[[], Result], quota: int | None = None
+    ) -> JobFuture:
+        future = self.futures.create(tenant, kind, quota)
 
         def run() -> None:
             try:
@@ -199,13 +205,19 @@ class Service:
         replay = self.gate.replay_of(model_id, seq_id)
         if replay is not None:
             return replay
-        future = self.futures.create(tenant, kind)
+        # A request that jobs already parked wait for is never refused: refusing it could
+        # only hold up work the quota admitted before.
+        quota = None if self.gate.is_awaited(model_id, seq_id) else self._quota(tenant)
+        future = self.futures.create(tenant, kind, quota)
         worker = self.worker(client.base_id)
         if isinstance(run, ForwardBackwardCall):
             job = TrainJob.of_forward_backward(future, run)
         else:
             job = TrainJob(future, run, policy_id=model_id)
-        return self.gate.submit(model_id, seq_id, future, lambda: worker.submit_train(job))
+        answer = self.gate.submit(model_id, seq_id, future, lambda: worker.submit_train(job))
+        if answer is not future:  # a concurrent replay won: this future has no job
+            self.futures.discard(future, RuntimeError("superseded by a replay"))
+        return answer
 
     # ------------------------------------------------------------------------ training
     def create_model(
@@ -247,7 +259,7 @@ class Service:
             first = self._creations.get(model_id)
             if first is not None and first.tenant == tenant:
                 return first
-            future = self._in_background(tenant, kind, work)
+            future = self._in_background(tenant, kind, work, self._quota(tenant))
             self._creations[model_id] = future
             return future
 
@@ -533,8 +545,12 @@ class Service:
         Raises `Busy` (retryable) when the sample queue or the cold-load queue is full.
         """
         worker = self.worker(base_id)
-        future = self.futures.create(tenant, "sample")
-        worker.submit_sample(SampleJob(future, request, finish, revision, on_token))
+        future = self.futures.create(tenant, "sample", self._quota(tenant))
+        try:
+            worker.submit_sample(SampleJob(future, request, finish, revision, on_token))
+        except BaseException as error:
+            self.futures.discard(future, error)
+            raise
         return future
 
     def _revision_for(self, sampler: Sampler) -> RevisionRecord | None:
