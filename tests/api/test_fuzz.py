@@ -78,10 +78,11 @@ def test_generated_requests_to_every_json_route_answer_without_a_server_error(
     operations = [result.ok() for result in schema.get_all_operations()]
     modes = (schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE)
     for operation, mode in itertools.product(operations, modes):
+        label = operation.label
 
         @FUZZ
         @given(case=operation.as_strategy(generation_mode=mode), keyed=st.integers(0, 9))
-        def send(case: schemathesis.Case, keyed: int) -> None:
+        def send(case: schemathesis.Case, keyed: int, label: str = label) -> None:
             # Most requests carry a valid key so they reach the route, some a made-up one.
             # (Hypothesis favours small draws, so the made-up key gets a middle value.)
             key = "tml-not-a-key" if keyed == 7 else API_KEY
@@ -89,9 +90,9 @@ def test_generated_requests_to_every_json_route_answer_without_a_server_error(
             case.headers = {k: v for k, v in generated.items() if k.lower() != "x-api-key"}
             case.headers["X-API-Key"] = key
             response = case.call()
-            sent[operation.label] += 1
+            sent[label] += 1
             if response.status_code >= 500:
-                errors.append(f"{operation.label} -> {response.status_code}: {response.text}")
+                errors.append(f"{label} -> {response.status_code}: {response.text}")
 
         try:
             send()
@@ -209,16 +210,16 @@ def test_malformed_forward_backward_bodies_answer_without_a_server_error(
         if status >= 500:
             errors.append(f"{kind} -> {status}: {response.text}")  # type: ignore[attr-defined]
 
+    routes = st.sampled_from(["forward_backward", "forward"])
+
     @settings(FUZZ, max_examples=PROTO_EXAMPLES)
-    @given(
-        request=malformed_proto(model_id), route=st.sampled_from(["forward_backward", "forward"])
-    )
+    @given(request=malformed_proto(model_id), route=routes)
     def send_proto(request: tuple[bytes, dict[str, str]], route: str) -> None:
         body, headers = request
         check("proto", client.post(f"/api/v1/{route}", content=body, headers=headers))
 
     @settings(FUZZ, max_examples=PROTO_EXAMPLES)
-    @given(body=malformed_json(model_id), route=st.sampled_from(["forward_backward", "forward"]))
+    @given(body=malformed_json(model_id), route=routes)
     def send_json(body: bytes, route: str) -> None:
         headers = {"Content-Type": "application/json", "X-API-Key": API_KEY}
         check("json", client.post(f"/api/v1/{route}", content=body, headers=headers))
