@@ -190,5 +190,6 @@ def _check_after_restart(
     with pytest.raises(Exception) as raised:  # noqa: B017 - whatever the SDK raises
         inflight.result(timeout=120)  # type: ignore[attr-defined]
     assert not isinstance(raised.value, FutureTimeout | TimeoutError)
-    print("INFLIGHT", type(raised.value).__name__, str(raised.value)[:200], time.monotonic() - started)
+    # The SDK reads the 410 as "this promise is gone" (measured: 6-27 s after the restart).
+    assert "Promise expired/broken" in str(raised.value)
     assert time.monotonic() - started < 120
