@@ -37,7 +37,7 @@ from mint.control.paths import (
 )
 from mint.control.service import Service
 from mint.control.sessions import Session
-from mint.errors import MalformedRequest, NotFound, UserError
+from mint.errors import MalformedRequest, NotFound, Unsupported
 
 LINK_LIFETIME_S = 3600
 MAX_USAGE_WINDOW = timedelta(days=14)
@@ -397,7 +397,7 @@ def _add_checkpoint_routes(app: FastAPI, service: Service, Tenant: Any, links: L
 
         @getattr(app, method)("/api/v1/training_runs/{run_id}/checkpoints/{segment}/{name}/publish")
         async def publish(run_id: str, segment: str, name: str, tenant: Tenant) -> dict[str, Any]:
-            raise UserError(
+            raise Unsupported(
                 "publishing checkpoints is not supported: every mint checkpoint is visible "
                 "only to its own tenant; to hand one over, download it with "
                 "get_checkpoint_archive_url or `mint revision export`"

@@ -30,6 +30,7 @@ from mint.errors import (
     MalformedRequest,
     MintError,
     NotFound,
+    Unsupported,
     UserError,
     http_status_for,
 )
@@ -327,7 +328,7 @@ def add_training_routes(app: FastAPI, service: Service, Tenant: Any) -> None:
 
     @app.post("/api/v1/save_weights_external")
     async def save_weights_external(body: wire.SaveWeights, tenant: Tenant) -> dict[str, Any]:
-        refusal = UserError(
+        refusal = Unsupported(
             "save_weights_external is not supported: mint exports revisions in PEFT layout; "
             "use save_weights_for_sampler and `mint revision export` to copy the files out"
         )
