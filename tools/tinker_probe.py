@@ -212,7 +212,7 @@ class Report:
             "|---|---|---|",
         ]
         for o in self.outcomes:
-            reason = o.reason.replace("|", "/").replace("\n", " ")[:160]
+            reason = o.reason.replace("|", "/").replace("\n", " ")[:320]
             lines.append(f"| `{o.method}` | {'ok' if o.supported else 'unsupported'} | {reason} |")
         return "\n".join(lines) + "\n"
 

@@ -10,8 +10,9 @@ import itertools
 import json
 import zlib
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -78,29 +79,38 @@ def test_generated_requests_to_every_json_route_answer_without_a_server_error(
     operations = [result.ok() for result in schema.get_all_operations()]
     modes = (schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE)
     for operation, mode in itertools.product(operations, modes):
-        label = operation.label
-
-        @FUZZ
-        @given(case=operation.as_strategy(generation_mode=mode), keyed=st.integers(0, 9))
-        def send(case: schemathesis.Case, keyed: int, label: str = label) -> None:
-            # Most requests carry a valid key so they reach the route, some a made-up one.
-            # (Hypothesis favours small draws, so the made-up key gets a middle value.)
-            key = "tml-not-a-key" if keyed == 7 else API_KEY
-            generated = case.headers or {}
-            case.headers = {k: v for k, v in generated.items() if k.lower() != "x-api-key"}
-            case.headers["X-API-Key"] = key
-            response = case.call()
-            sent[label] += 1
-            if response.status_code >= 500:
-                errors.append(f"{label} -> {response.status_code}: {response.text}")
-
+        send = _sender(operation, mode, sent, errors)
         try:
             send()
         except Unsatisfiable:  # a route with no parameters has no invalid form to send
             assert mode is schemathesis.GenerationMode.NEGATIVE
     assert not errors, "\n".join(errors[:10])
+    print(f"fuzz: {sum(sent.values())} generated requests over {len(sent)} routes")
     assert sum(sent.values()) >= 1000, sent
     assert len(sent) >= 40  # every route of the schema was exercised
+
+
+def _sender(
+    operation: Any, mode: schemathesis.GenerationMode, sent: Counter[str], errors: list[str]
+) -> Callable[[], None]:
+    """A Hypothesis test that sends `operation`'s generated cases and notes any 5xx."""
+    label = operation.label
+
+    @FUZZ
+    @given(case=operation.as_strategy(generation_mode=mode), keyed=st.integers(0, 9))
+    def send(case: schemathesis.Case, keyed: int) -> None:
+        # Most requests carry a valid key so they reach the route, some a made-up one.
+        # (Hypothesis favours small draws, so the made-up key gets a middle value.)
+        key = "tml-not-a-key" if keyed == 7 else API_KEY
+        generated = case.headers or {}
+        case.headers = {k: v for k, v in generated.items() if k.lower() != "x-api-key"}
+        case.headers["X-API-Key"] = key
+        response = case.call()
+        sent[label] += 1
+        if response.status_code >= 500:
+            errors.append(f"{label} -> {response.status_code}: {response.text}")
+
+    return send  # type: ignore[no-any-return]
 
 
 def _datum_message(draw: st.DrawFn) -> pb.Datum:
@@ -227,4 +237,5 @@ def test_malformed_forward_backward_bodies_answer_without_a_server_error(
     send_proto()
     send_json()
     assert not errors, "\n".join(errors[:10])
+    print(f"fuzz: {sent['proto']} protobuf and {sent['json']} JSON forward_backward bodies")
     assert sent["proto"] >= PROTO_EXAMPLES and sent["json"] >= PROTO_EXAMPLES, sent

@@ -329,8 +329,9 @@ def add_training_routes(app: FastAPI, service: Service, Tenant: Any) -> None:
     @app.post("/api/v1/save_weights_external")
     async def save_weights_external(body: wire.SaveWeights, tenant: Tenant) -> dict[str, Any]:
         refusal = Unsupported(
-            "save_weights_external is not supported: mint exports revisions in PEFT layout; "
-            "use save_weights_for_sampler and `mint revision export` to copy the files out"
+            "save_weights_external is not supported: mint keeps no external-weights "
+            "checkpoints; save_weights_for_sampler, then download the PEFT files with "
+            "get_checkpoint_archive_url (or `mint revision export`)"
         )
         future = await asyncio.to_thread(
             service.refuse_in_order,

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from mint.api.proto import ForwardBackwardCall
+from mint.api.proto import ForwardBackwardCall, csr_to_dense
 from mint.errors import MalformedRequest
 from mint.train.types import TrainDatum
 
@@ -81,28 +81,12 @@ def _tensor(name: str, body: TensorDataBody) -> np.ndarray:
 
 
 def _csr_to_dense(name: str, body: TensorDataBody, values: np.ndarray) -> np.ndarray:
-    rows = body.sparse_crow_indices or []
-    cols = body.sparse_col_indices or []
-    shape = body.shape or []
-    if (
-        len(shape) != 2
-        or len(rows) != shape[0] + 1
-        or len(cols) != values.size
-        or any(not 0 <= c < shape[1] for c in cols)
-        or rows[0] != 0
-        or rows[-1] != values.size
-        or any(b < a for a, b in zip(rows, rows[1:], strict=False))
-    ):
-        raise MalformedRequest(
-            f"loss_fn_inputs[{name!r}] is not a valid sparse CSR tensor: it needs a 2-D shape, "
-            f"shape[0]+1 non-decreasing row pointers from 0 to the value count, and one "
-            f"in-range column index per value"
-        )
-    dense: np.ndarray = np.zeros(shape, dtype=values.dtype)
-    for row in range(shape[0]):
-        start, end = rows[row], rows[row + 1]
-        dense[row, cols[start:end]] = values[start:end]
-    return dense
+    rows = np.asarray(body.sparse_crow_indices or [], dtype=np.int64)
+    cols = np.asarray(body.sparse_col_indices or [], dtype=np.int64)
+    try:
+        return csr_to_dense(rows, cols, values, list(body.shape or []))
+    except ValueError as error:
+        raise MalformedRequest(f"loss_fn_inputs[{name!r}] is {error}") from None
 
 
 def _datum(index: int, body: DatumBody) -> TrainDatum:
