@@ -342,15 +342,20 @@ def probe(base_url: str, api_key: str, base_model: str) -> Report:
     import warnings
 
     # Where the SDK asks for a project (copy_weights), it reads TINKER_PROJECT_ID.
-    os.environ.setdefault("TINKER_PROJECT_ID", PROJECT)
-    ctx = Context(base_url, api_key, base_model)
-    setup(ctx)
-    report = Report(sdk_version=tinker.__version__)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # deprecated methods are still public methods
-        for method in public_methods():
-            report.outcomes.append(call(ctx, method))
-    return report
+    earlier = os.environ.get("TINKER_PROJECT_ID")
+    os.environ["TINKER_PROJECT_ID"] = earlier or PROJECT
+    try:
+        ctx = Context(base_url, api_key, base_model)
+        setup(ctx)
+        report = Report(sdk_version=tinker.__version__)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # deprecated methods are still public methods
+            for method in public_methods():
+                report.outcomes.append(call(ctx, method))
+        return report
+    finally:
+        if earlier is None:
+            del os.environ["TINKER_PROJECT_ID"]
 
 
 def main(argv: list[str] | None = None) -> int:

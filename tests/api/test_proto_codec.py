@@ -36,6 +36,7 @@ def _csr(values: list[float], rows: list[int], cols: list[int]) -> pb.SparseCsr:
         (_csr([1.0], [0, 1, 5], [0]), [2, 2]),  # row pointer past the values
         (_csr([1.0], [0, 1, 1], [7]), [2, 2]),  # column out of range
         (_csr([1.0], [0, 1], [0]), [3]),  # not 2-D
+        (_csr([1.0], [0, 1], [0]), [1, 1 << 40]),  # a huge dense size from a tiny body
     ],
 )
 def test_bad_sparse_tensors_are_malformed_requests(csr: pb.SparseCsr, shape: list[int]) -> None:

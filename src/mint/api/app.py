@@ -222,8 +222,11 @@ def add_bootstrap_routes(app: FastAPI, service: Service, Tenant: Any) -> None:
         return {"type": "session_heartbeat"}
 
     @app.post("/api/v1/sessions/{session_id}/finish")
-    async def finish(session_id: str, body: wire.FinishSession, tenant: Tenant) -> dict[str, Any]:
-        service.finish_session(tenant, session_id, str(body.reason.get("type", "success")))
+    async def finish(
+        session_id: str, tenant: Tenant, body: wire.FinishSession | None = None
+    ) -> dict[str, Any]:
+        reason = body.reason.get("type", "success") if body is not None else "success"
+        service.finish_session(tenant, session_id, str(reason))
         return {}
 
     @app.post("/api/v1/telemetry")

@@ -18,6 +18,9 @@ from mint.errors import MalformedRequest
 from mint.serve.types import SampleResult
 from mint.train.types import ForwardBackwardResult, TrainDatum
 
+#: A sparse tensor's dense size is bounded, so a tiny body cannot ask for a huge allocation.
+MAX_DENSE_ELEMENTS = 1 << 26
+
 _NUMPY_BY_DTYPE = {
     pb.DTYPE_FLOAT32: np.float32,
     pb.DTYPE_INT64: np.int64,
@@ -84,10 +87,12 @@ def csr_to_dense(
         or rows[-1] != len(values)
         or np.any(np.diff(rows) < 0)
         or np.any((cols < 0) | (cols >= shape[1]))
+        or shape[0] * shape[1] > MAX_DENSE_ELEMENTS
     ):
         raise ValueError(
             "not a valid sparse CSR tensor: it needs a 2-D shape, shape[0]+1 non-decreasing "
-            "row pointers from 0 to the value count, and one in-range column index per value"
+            "row pointers from 0 to the value count, one in-range column index per value, and "
+            f"at most {MAX_DENSE_ELEMENTS} elements once dense"
         )
     dense: np.ndarray = np.zeros(shape, dtype=values.dtype)
     for row in range(shape[0]):
