@@ -27,6 +27,7 @@ import tinker
 from tinker import types
 
 CALL_TIMEOUT_S = 45.0
+PROJECT = "probe-project"
 CLASSES = ("ServiceClient", "TrainingClient", "SamplingClient", "RestClient")
 # Destructive calls run last, in this order, on throwaway resources.
 LAST = (
@@ -66,8 +67,8 @@ class Context:
 
     def throwaway_sampler_path(self) -> str:
         """A revision no alias points at (a newer export moves `latest` past it)."""
-        doomed = self.training.save_weights_for_sampler(self.fresh_name("gone")).result().path
-        self.training.save_weights_for_sampler(self.fresh_name("keep")).result()
+        doomed = _resolve(self.training.save_weights_for_sampler(self.fresh_name("gone"))).path
+        _resolve(self.training.save_weights_for_sampler(self.fresh_name("keep")))
         return str(doomed)
 
 
@@ -77,6 +78,19 @@ Call = tuple[tuple[Any, ...], dict[str, Any]]
 def _custom_loss(data: list[Any], logprobs: list[Any]) -> tuple[Any, dict[str, float]]:
     total = sum(-lp.sum() for lp in logprobs)
     return total, {"custom:sum": float(total)}
+
+
+def _per_datum_loss(logprobs: Any, weights: Any) -> tuple[Any, dict[str, Any]]:
+    """The shape `create_custom_loss` traces: target logprobs first, then loss_fn_inputs."""
+    loss = -(logprobs * weights).sum()
+    return loss, {"custom/neg_ll:sum": loss}
+
+
+def _sampler_id_of(ctx: Context) -> str:
+    if hasattr(ctx.sampler, "get_sampler_handle"):
+        return _sampler_id(ctx.sampler.get_sampler_handle())
+    # Older SDKs have no handle; the session lists its samplers.
+    return str(_resolve(ctx.rest.get_session(ctx.session_id)).sampler_ids[-1])
 
 
 def _sampler_id(handle: str) -> str:
@@ -92,7 +106,9 @@ def _session_search() -> Any:
 RECIPES: dict[str, Callable[[Context], Call]] = {
     "ServiceClient.close": lambda c: (("success",), {}),
     "ServiceClient.copy_weights": lambda c: ((c.sampler_path,), {}),
-    "ServiceClient.create_custom_loss": lambda c: ((_custom_loss, {}), {}),
+    "ServiceClient.create_custom_loss": (
+        lambda c: ((_per_datum_loss, {"logprobs": 1, "weights": 1}), {})
+    ),
     "ServiceClient.create_lora_training_client": lambda c: ((c.base_model,), {"rank": 2}),
     "ServiceClient.create_rest_client": lambda c: ((), {}),
     "ServiceClient.create_sampling_client": lambda c: ((), {"model_path": c.sampler_path}),
@@ -130,7 +146,7 @@ RECIPES: dict[str, Callable[[Context], Call]] = {
     "SamplingClient.on_queue_state_change": lambda c: (("active", None), {}),
     "SamplingClient.sample": (lambda c: ((c.prompt(), 1, types.SamplingParams(max_tokens=2)), {})),
     "RestClient.assign_session_project": lambda c: ((c.session_id, "probe-project"), {}),
-    "RestClient.copy_weights": lambda c: ((c.sampler_path,), {}),
+    "RestClient.copy_weights": lambda c: ((c.sampler_path, PROJECT), {}),
     "RestClient.delete_checkpoint": (
         lambda c: (
             (
@@ -148,7 +164,11 @@ RECIPES: dict[str, Callable[[Context], Call]] = {
     ),
     "RestClient.get_current_checkpoint_storage_usage": lambda c: ((), {}),
     "RestClient.get_external_weights_urls": lambda c: ((c.sampler_path,), {}),
-    "RestClient.get_sampler": lambda c: ((_sampler_id(c.sampler.get_sampler_handle()),), {}),
+    "RestClient.get_sampler": lambda c: ((_sampler_id_of(c),), {}),
+    "RestClient.get_checkpoint_archive_url": (
+        lambda c: ((c.training.model_id, "weights/" + c.state_path.rsplit("/", 1)[-1]), {})
+    ),
+    "RestClient.get_checkpoint_archive_url_from_tinker_path": lambda c: ((c.sampler_path,), {}),
     "RestClient.get_server_capabilities": lambda c: ((), {}),
     "RestClient.get_session": lambda c: ((c.session_id,), {}),
     "RestClient.get_telemetry": lambda c: ((), {}),
@@ -192,15 +212,26 @@ class Report:
             "|---|---|---|",
         ]
         for o in self.outcomes:
-            reason = o.reason.replace("|", "/").replace("\n", " ")[:160]
+            reason = o.reason.replace("|", "/").replace("\n", " ")[:320]
             lines.append(f"| `{o.method}` | {'ok' if o.supported else 'unsupported'} | {reason} |")
         return "\n".join(lines) + "\n"
+
+
+def client_class(class_name: str) -> Any:
+    """An SDK client class; older SDKs (0.22) export RestClient only from their lib package."""
+    found = getattr(tinker, class_name, None)
+    if found is None:
+        import importlib
+
+        module = importlib.import_module("tinker.lib.public_interfaces.rest_client")
+        found = getattr(module, class_name)
+    return found
 
 
 def public_methods() -> list[str]:
     names = []
     for class_name in CLASSES:
-        cls = getattr(tinker, class_name)
+        cls = client_class(class_name)
         for name, member in inspect.getmembers(cls):
             if not name.startswith("_") and callable(member):
                 names.append(f"{class_name}.{name}")
@@ -208,8 +239,34 @@ def public_methods() -> list[str]:
     return sorted(names, key=lambda n: (order.get(n, -1), n))
 
 
-def _resolve(value: Any) -> Any:
-    """Wait for whatever a call returned: a coroutine, an SDK future, or a plain value."""
+# Calls that answer download links; each is supported only if its link downloads.
+DOWNLOADS = (
+    "RestClient.export_session_trace",
+    "RestClient.get_checkpoint_archive_url",
+    "RestClient.get_checkpoint_archive_url_from_tinker_path",
+    "RestClient.get_external_weights_urls",
+)
+
+
+def _check_download(method: str, value: Any) -> None:
+    if method.removesuffix("_async") not in DOWNLOADS:
+        return
+    links = getattr(value, "urls", None) or {"": getattr(value, "url", value)}
+    for url in links.values():
+        import httpx
+
+        answer = httpx.get(str(url), timeout=60)
+        if answer.status_code != 200 or not answer.content:
+            raise RuntimeError(f"download link answered {answer.status_code}: {url}")
+
+
+def _resolve(value: Any, owner: Any = None) -> Any:
+    """Wait for whatever a call returned: a coroutine, an SDK future, or a plain value.
+
+    A coroutine runs on a fresh event loop, or on `owner`'s own loop when given.
+    """
+    if owner is not None and inspect.iscoroutine(value):
+        value = owner.holder.run_coroutine_threadsafe(value)
     if inspect.isawaitable(value) and not hasattr(value, "result"):
 
         async def wait() -> Any:
@@ -222,14 +279,15 @@ def _resolve(value: Any) -> Any:
 
 
 def setup(ctx: Context) -> None:
+    # Older SDKs return clients directly where newer ones return futures; _resolve takes both.
     ctx.service = tinker.ServiceClient(base_url=ctx.base_url, api_key=ctx.api_key)
-    ctx.rest = tinker.RestClient(base_url=ctx.base_url, api_key=ctx.api_key)
-    ctx.training = ctx.service.create_lora_training_client(ctx.base_model, rank=2).result()
-    ctx.training.forward_backward([ctx.datum()], "cross_entropy").result()
-    ctx.training.optim_step(types.AdamParams(learning_rate=1e-4)).result()
-    ctx.state_path = ctx.training.save_state("probe-state").result().path
-    ctx.sampler_path = ctx.training.save_weights_for_sampler("probe-sampler").result().path
-    ctx.sampler = ctx.service.create_sampling_client(model_path=ctx.sampler_path).result()
+    ctx.rest = ctx.service.create_rest_client()
+    ctx.training = _resolve(ctx.service.create_lora_training_client(ctx.base_model, rank=2))
+    _resolve(ctx.training.forward_backward([ctx.datum()], "cross_entropy"))
+    _resolve(ctx.training.optim_step(types.AdamParams(learning_rate=1e-4)))
+    ctx.state_path = _resolve(ctx.training.save_state("probe-state")).path
+    ctx.sampler_path = _resolve(ctx.training.save_weights_for_sampler("probe-sampler")).path
+    ctx.sampler = _resolve(ctx.service.create_sampling_client(model_path=ctx.sampler_path))
     ctx.session_id = ctx.training.model_id.split(":train:")[0]
 
 
@@ -251,11 +309,20 @@ def call(ctx: Context, method: str) -> Outcome:
     def attempt() -> None:
         args, kwargs = recipe(ctx)
         owner = (
-            getattr(tinker, class_name)
+            client_class(class_name)
             if name in ("create", "from_sampler_handle")
             else (target(ctx, class_name))
         )
-        _resolve(getattr(owner, name)(*args, **kwargs))
+        method_of = getattr(owner, name)
+        try:
+            result = _resolve(method_of(*args, **kwargs))
+        except AssertionError as error:
+            # Some 0.22 `*_async` coroutines only run on the client's own loop (their sync
+            # twins schedule them there); run them as the SDK itself does.
+            if "incorrect event loop" not in str(error):
+                raise
+            result = _resolve(method_of(*args, **kwargs), owner)
+        _check_download(method, result)
 
     # A call the SDK keeps retrying must not stall the probe: it is reported as timed out.
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
@@ -274,14 +341,21 @@ def call(ctx: Context, method: str) -> Outcome:
 def probe(base_url: str, api_key: str, base_model: str) -> Report:
     import warnings
 
-    ctx = Context(base_url, api_key, base_model)
-    setup(ctx)
-    report = Report(sdk_version=tinker.__version__)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # deprecated methods are still public methods
-        for method in public_methods():
-            report.outcomes.append(call(ctx, method))
-    return report
+    # Where the SDK asks for a project (copy_weights), it reads TINKER_PROJECT_ID.
+    earlier = os.environ.get("TINKER_PROJECT_ID")
+    os.environ["TINKER_PROJECT_ID"] = earlier or PROJECT
+    try:
+        ctx = Context(base_url, api_key, base_model)
+        setup(ctx)
+        report = Report(sdk_version=tinker.__version__)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # deprecated methods are still public methods
+            for method in public_methods():
+                report.outcomes.append(call(ctx, method))
+        return report
+    finally:
+        if earlier is None:
+            del os.environ["TINKER_PROJECT_ID"]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -51,6 +51,12 @@ class MalformedRequest(UserError):
     code = "malformed_request"
 
 
+class Unsupported(UserError):
+    """A Tinker call mint does not implement; the message says why and what to use instead."""
+
+    code = "unsupported"
+
+
 class UnsupportedLoss(UserError):
     code = "unsupported_loss"
 
@@ -104,6 +110,7 @@ class JobFailed(MintError, RuntimeError):
 
 HTTP_STATUS_BY_CODE: dict[str, int] = {
     "invalid_request": 400,
+    "unsupported": 400,
     "malformed_request": 400,
     "unsupported_loss": 400,
     "invalid_adapter": 400,

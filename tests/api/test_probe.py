@@ -38,4 +38,15 @@ def test_probe_reports_every_public_method(
     }
     supported = {o.method for o in report.outcomes if o.supported}
     assert core <= supported, core - supported
+    # Everything else mint refuses or cannot reach, each for the reason in the report.
+    refused = {o.method.removesuffix("_async") for o in unsupported}
+    assert refused == {
+        "RestClient.get_external_weights_urls",
+        "RestClient.publish_checkpoint_from_tinker_path",
+        "RestClient.unpublish_checkpoint_from_tinker_path",
+        "RestClient.whoami",
+        "SamplingClient.get_tokenizer",
+        "TrainingClient.save_weights_external",
+    }, refused
+    assert len(supported) >= 0.9 * len(methods)
     (tmp_path / "report.md").write_text(report.markdown())

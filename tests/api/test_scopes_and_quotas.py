@@ -122,6 +122,15 @@ def test_sample_only_key_is_refused_training_with_missing_scope(scoped: LiveServ
     )
     delete = _call(scoped, "DELETE", "/api/v1/training_runs/r/checkpoints/weights/n", SAMPLE_ONLY)
     _assert_refused(delete, 403, "missing_scope")
+    # Copying a checkpoint makes a new training run, so it is a training call too.
+    copy = _call(
+        scoped,
+        "POST",
+        "/api/v1/copy_weights",
+        SAMPLE_ONLY,
+        json={"source_path": "tinker://r/weights/n"},
+    )
+    _assert_refused(copy, 403, "missing_scope")
 
     made = _call(
         scoped,

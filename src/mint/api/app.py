@@ -16,19 +16,23 @@ from fastapi.responses import JSONResponse, Response
 
 from mint import __version__
 from mint.api import wire
+from mint.api.account_routes import add_account_routes
 from mint.api.auth import authorize, key_from_headers
 from mint.api.catalog_routes import add_catalog_routes
+from mint.api.json_codec import decode_forward_backward_json
 from mint.api.metrics import add_metrics_route
 from mint.api.openai_routes import add_openai_routes
 from mint.api.proto import decode_forward_backward
 from mint.catalog.records import CheckpointRecord, PolicyRecord
-from mint.control.futures import JobFuture, JsonResult, ProtoResult
+from mint.control.futures import JobFuture, JsonResult, ProtoResult, Result
 from mint.control.paths import SEGMENT_BY_KIND, CheckpointPath, parse_checkpoint_path
 from mint.control.service import Service
 from mint.errors import (
     Busy,
     MalformedRequest,
     MintError,
+    NotFound,
+    Unsupported,
     UserError,
     http_status_for,
 )
@@ -82,14 +86,18 @@ def create_app(service: Service) -> FastAPI:
         key = key_from_headers(x_api_key, authorization)
         route = request.scope.get("route")
         path = getattr(route, "path", request.url.path)
-        return authorize(service.catalog, key, request.method, path).tenant
+        tenant = authorize(service.catalog, key, request.method, path).tenant
+        request.state.tenant = tenant  # for the audit trail
+        return tenant
 
     Tenant = Annotated[str, Depends(tenant_of)]
+    add_audit_trail(app, service)
     add_bootstrap_routes(app, service, Tenant)
     add_training_routes(app, service, Tenant)
     add_sampling_routes(app, service, Tenant)
     add_future_routes(app, service, Tenant)
     add_rest_routes(app, service, Tenant)
+    add_account_routes(app, service, Tenant)
     add_catalog_routes(app, service, Tenant)
     add_openai_routes(app, service, Tenant)
     add_metrics_route(app, service)
@@ -98,6 +106,74 @@ def create_app(service: Service) -> FastAPI:
 
 def submitted(future: JobFuture, **extra: Any) -> dict[str, Any]:
     return {"request_id": future.request_id, **extra}
+
+
+#: Audit event names (`<resource>_<action>`) of the state-changing Tinker calls.
+AUDIT_EVENTS = {
+    "create_session": "session_create",
+    "create_model": "training_run_create",
+    "load_weights": "checkpoint_read",
+    "save_weights": "checkpoint_create",
+    "save_weights_for_sampler": "checkpoint_create",
+    "optim_step": "training_run_update",
+    "create_sampling_session": "sampling_session_create",
+    "copy_weights": "checkpoint_copy",
+}
+
+
+def _audit_event(method: str, path: str) -> str | None:
+    name = path.removeprefix(TINKER_PREFIX)
+    if name in AUDIT_EVENTS:
+        return AUDIT_EVENTS[name]
+    if "/checkpoints/" in name:
+        if method == "DELETE" and not name.endswith("/publish"):
+            return "checkpoint_delete"
+        if name.endswith("/ttl"):
+            return "checkpoint_ttl_set"
+    if name.endswith("/project"):
+        return "project_session_assign"
+    if name.endswith("/finish"):
+        return "session_finish"
+    return None
+
+
+def add_audit_trail(app: FastAPI, service: Service) -> None:
+    """Append one audit entry per successful state-changing Tinker call of a known tenant."""
+
+    @app.middleware("http")
+    async def audit(request: Request, call_next: Any) -> Response:
+        response: Response = await call_next(request)
+        event = _audit_event(request.method, request.url.path)
+        tenant = getattr(request.state, "tenant", None)
+        if event and tenant and response.status_code < 400:
+            details: dict[str, object] = {"method": request.method, "path": request.url.path}
+            await asyncio.to_thread(service.activity.audit, tenant, event, details)
+        return response
+
+
+def _track(
+    service: Service, future: JobFuture, subject: str, base: str | None = None, **counts: Any
+) -> None:
+    if base is None:
+        try:
+            base = service.client(future.tenant, subject).base_id
+        except NotFound:  # a refusal of a call for a run that does not exist
+            base = ""
+    service.activity.track(future, subject, base, **counts)
+
+
+def _datum_tokens(data: list[Any]) -> int:
+    return sum(len(d.input_tokens) for d in data)
+
+
+def _sampled_tokens(result: Result) -> int:
+    from tinker.proto import tinker_public_pb2 as pb
+
+    if not isinstance(result, ProtoResult):
+        return 0
+    message = pb.SampleResponse()
+    message.ParseFromString(result.body)
+    return sum(len(s.tokens) // 4 for s in message.sequences)  # int32 tokens
 
 
 def add_bootstrap_routes(app: FastAPI, service: Service, Tenant: Any) -> None:
@@ -130,6 +206,7 @@ def add_bootstrap_routes(app: FastAPI, service: Service, Tenant: Any) -> None:
     @app.post("/api/v1/create_session")
     async def create_session(body: wire.CreateSession, tenant: Tenant) -> dict[str, Any]:
         session = service.create_session(tenant, body.tags, body.user_metadata)
+        session.project_id, session.display_name = body.project_id, body.display_name
         return {"type": "create_session", "session_id": session.session_id}
 
     @app.post("/api/v1/session_heartbeat")
@@ -140,8 +217,11 @@ def add_bootstrap_routes(app: FastAPI, service: Service, Tenant: Any) -> None:
         return {"type": "session_heartbeat"}
 
     @app.post("/api/v1/sessions/{session_id}/finish")
-    async def finish(session_id: str, tenant: Tenant) -> dict[str, Any]:
-        service.finish_session(tenant, session_id)
+    async def finish(
+        session_id: str, tenant: Tenant, body: wire.FinishSession | None = None
+    ) -> dict[str, Any]:
+        reason = body.reason.get("type", "success") if body is not None else "success"
+        service.finish_session(tenant, session_id, str(reason))
         return {}
 
     @app.post("/api/v1/telemetry")
@@ -162,6 +242,7 @@ def add_training_routes(app: FastAPI, service: Service, Tenant: Any) -> None:
             body.user_metadata,
         )
         model_id = f"{body.session_id}:train:{body.model_seq_id}"
+        _track(service, future, model_id, body.base_model)
         return submitted(future, model_id=model_id)
 
     @app.post("/api/v1/get_info")
@@ -172,7 +253,10 @@ def add_training_routes(app: FastAPI, service: Service, Tenant: Any) -> None:
         request: Request, tenant: str, force_forward_only: bool
     ) -> dict[str, Any]:
         body = await request.body()
-        call = decode_forward_backward(body, request.headers.get("content-encoding"))
+        if "json" in request.headers.get("content-type", ""):
+            call = decode_forward_backward_json(body)  # JSON-era SDKs (0.22)
+        else:
+            call = decode_forward_backward(body, request.headers.get("content-encoding"))
         future = await asyncio.to_thread(
             service.forward_backward,
             tenant,
@@ -183,6 +267,7 @@ def add_training_routes(app: FastAPI, service: Service, Tenant: Any) -> None:
             call.loss_fn_config,
             call.forward_only or force_forward_only,
         )
+        _track(service, future, call.model_id, train_tokens=_datum_tokens(call.data))
         return submitted(future, model_id=call.model_id)
 
     @app.post("/api/v1/forward_backward")
@@ -206,6 +291,7 @@ def add_training_routes(app: FastAPI, service: Service, Tenant: Any) -> None:
         future = await asyncio.to_thread(
             service.optim_step, tenant, body.model_id, body.seq_id, body.adam_params
         )
+        _track(service, future, body.model_id)
         return submitted(future, model_id=body.model_id)
 
     @app.post("/api/v1/save_weights")
@@ -220,6 +306,7 @@ def add_training_routes(app: FastAPI, service: Service, Tenant: Any) -> None:
             body.overwrite,
             body.user_metadata,
         )
+        _track(service, future, body.model_id)
         return submitted(future, model_id=body.model_id)
 
     @app.post("/api/v1/save_weights_for_sampler")
@@ -234,13 +321,15 @@ def add_training_routes(app: FastAPI, service: Service, Tenant: Any) -> None:
             body.ttl_seconds,
             body.user_metadata,
         )
+        _track(service, future, body.model_id)
         return submitted(future, model_id=body.model_id)
 
     @app.post("/api/v1/save_weights_external")
     async def save_weights_external(body: wire.SaveWeights, tenant: Tenant) -> dict[str, Any]:
-        refusal = UserError(
-            "save_weights_external is not supported: mint exports revisions in PEFT layout; "
-            "use save_weights_for_sampler and `mint revision export` to copy the files out"
+        refusal = Unsupported(
+            "save_weights_external is not supported: mint keeps no external-weights "
+            "checkpoints; save_weights_for_sampler, then download the PEFT files with "
+            "get_checkpoint_archive_url (or `mint revision export`)"
         )
         future = await asyncio.to_thread(
             service.refuse_in_order,
@@ -264,6 +353,7 @@ def add_training_routes(app: FastAPI, service: Service, Tenant: Any) -> None:
             body.session_id,
             body.model_seq_id,
         )
+        _track(service, future, body.model_id or f"{body.session_id}:train:{body.model_seq_id}")
         return submitted(future, model_id=body.model_id)
 
 
@@ -342,6 +432,11 @@ def add_sampling_routes(app: FastAPI, service: Service, Tenant: Any) -> None:
         future, ids = await asyncio.to_thread(
             service.sample, tenant, body.sampling_session_id, body.seq_id, request
         )
+        sampler = service.sessions.sampler(tenant, body.sampling_session_id)
+        _track(
+            service, future, sampler.sampler_id, sampler.base_id,
+            prompt_tokens=len(request.prompt), count_sampled=_sampled_tokens,
+        )  # fmt: skip
         return submitted(future, sample_sequence_ids=ids)
 
 

@@ -34,6 +34,7 @@ REQUIRED_SCOPE: dict[tuple[str, str], str] = {
             "save_weights_for_sampler",
             "save_weights_external",
             "load_weights",
+            "copy_weights",
         )
     },
     ("DELETE", f"{_TINKER}/training_runs/{{run_id}}/checkpoints/{{segment}}/{{name}}"): "train",

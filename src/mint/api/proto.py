@@ -18,6 +18,9 @@ from mint.errors import MalformedRequest
 from mint.serve.types import SampleResult
 from mint.train.types import ForwardBackwardResult, TrainDatum
 
+#: A sparse tensor's dense size is bounded, so a tiny body cannot ask for a huge allocation.
+MAX_DENSE_ELEMENTS = 1 << 26
+
 _NUMPY_BY_DTYPE = {
     pb.DTYPE_FLOAT32: np.float32,
     pb.DTYPE_INT64: np.int64,
@@ -60,18 +63,38 @@ def _tensor_to_numpy(name: str, tensor: pb.Tensor) -> np.ndarray:
         return flat.reshape(shape).copy() if shape else flat.copy()
     except ValueError as error:
         raise MalformedRequest(
-            f"loss_fn_inputs[{name!r}]: {len(tensor.dense)} bytes do not fit shape {list(shape)}"
-            f" ({error})"
+            f"loss_fn_inputs[{name!r}] does not fit shape {list(shape)}: {error}"
         ) from None
 
 
 def _csr_to_dense(csr: pb.SparseCsr, np_dtype: type, shape: tuple[int, ...]) -> np.ndarray:
-    if len(shape) != 2:
-        raise ValueError("a sparse CSR tensor needs a 2-D shape")
     values: np.ndarray = np.frombuffer(csr.values, dtype=np_dtype)
     rows = np.frombuffer(csr.crow_indices, dtype=np.int64)
     cols = np.frombuffer(csr.col_indices, dtype=np.int64)
-    dense: np.ndarray = np.zeros(shape, dtype=np_dtype)
+    return csr_to_dense(rows, cols, values, list(shape))
+
+
+def csr_to_dense(
+    rows: np.ndarray, cols: np.ndarray, values: np.ndarray, shape: list[int]
+) -> np.ndarray:
+    """Densify a sparse CSR tensor after checking it fits `shape`; ValueError if not."""
+    if (
+        len(shape) != 2
+        or min(shape) < 0
+        or len(rows) != shape[0] + 1
+        or len(cols) != len(values)
+        or rows[0] != 0
+        or rows[-1] != len(values)
+        or np.any(np.diff(rows) < 0)
+        or np.any((cols < 0) | (cols >= shape[1]))
+        or shape[0] * shape[1] > MAX_DENSE_ELEMENTS
+    ):
+        raise ValueError(
+            "not a valid sparse CSR tensor: it needs a 2-D shape, shape[0]+1 non-decreasing "
+            "row pointers from 0 to the value count, one in-range column index per value, and "
+            f"at most {MAX_DENSE_ELEMENTS} elements once dense"
+        )
+    dense: np.ndarray = np.zeros(shape, dtype=values.dtype)
     for row in range(shape[0]):
         start, end = int(rows[row]), int(rows[row + 1])
         dense[row, cols[start:end]] = values[start:end]

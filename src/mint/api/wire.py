@@ -19,6 +19,13 @@ class CreateSession(Lenient):
     tags: list[str] = Field(default_factory=list)
     user_metadata: dict[str, Any] = Field(default_factory=dict)
     sdk_version: str = ""
+    project_id: str | None = None
+    display_name: str | None = None
+
+
+class FinishSession(Lenient):
+    reason: dict[str, Any] = Field(default_factory=lambda: {"type": "success"})
+    detail: str | None = None
 
 
 class SessionRef(Lenient):

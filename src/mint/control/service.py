@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from mint.catalog.records import RevisionRecord
 from mint.catalog.store import Catalog
 from mint.config import Settings
+from mint.control.activity import ActivityLog
 from mint.control.futures import FutureTable, JobFuture, JsonResult, Result
 from mint.control.ordering import SeqGate
 from mint.control.paths import CheckpointPath, parse_checkpoint_path
@@ -55,6 +56,7 @@ class Service:
         self.futures = FutureTable()
         self.gate = SeqGate(gap_timeout_s=settings.seq_gap_timeout_s)
         self.sessions = SessionTable()
+        self.activity = ActivityLog(settings.home / "audit.jsonl")
         self._workers: dict[str, BaseWorker] = {}
         self._workers_lock = threading.Lock()
         self._clients: dict[str, TrainingClient] = {}
@@ -135,9 +137,9 @@ class Service:
         log.info("session %s created for tenant %s", session.session_id, tenant)
         return session
 
-    def finish_session(self, tenant: str, session_id: str) -> None:
+    def finish_session(self, tenant: str, session_id: str, reason: str = "success") -> None:
         session = self.sessions.get(tenant, session_id)
-        session.finished = True
+        session.finished, session.finish_reason = True, reason
 
     def reap_idle_sessions(self, now: float | None = None) -> list[str]:
         """Finish sessions without a heartbeat for `session_timeout_s` and free what they
@@ -145,7 +147,7 @@ class Service:
         training states and revisions stay in the catalog."""
         reaped = []
         for session in self.sessions.idle(self.settings.session_timeout_s, now):
-            session.finished = True
+            session.finished, session.finish_reason = True, "reaped"
             for model_id in session.model_ids:
                 client = self._clients.pop(model_id, None)
                 self.gate.forget_client(model_id)

@@ -23,6 +23,11 @@ class Session:
     created_at: float = field(default_factory=time.time)
     last_heartbeat: float = field(default_factory=time.time)
     finished: bool = False
+    #: The reason the client gave when it finished (`success`, `errored`, `interrupted`),
+    #: or "reaped" when its heartbeats stopped.
+    finish_reason: str | None = None
+    project_id: str | None = None
+    display_name: str | None = None
     model_ids: list[str] = field(default_factory=list)
     sampler_ids: list[str] = field(default_factory=list)
 
