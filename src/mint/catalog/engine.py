@@ -4,6 +4,12 @@ SQLite runs in WAL mode (readers never block the writer) with foreign keys on. T
 that write start with `BEGIN IMMEDIATE`: a deferred transaction that reads and then writes
 can fail with "database is locked" when another writer committed in between, which the busy
 timeout does not retry; taking the write lock up front turns that into a plain wait.
+
+Lookups (`lookup_engine`) run one SELECT each without an explicit transaction: on SQLite no
+BEGIN is issued, on PostgreSQL the connection is in autocommit, which saves the BEGIN and
+COMMIT round trips. Connections are not pinged on checkout (that is one more round trip per
+lookup); a connection the server dropped fails once, SQLAlchemy then discards the pool, and
+`Catalog` retries a lookup on a fresh connection.
 """
 
 from __future__ import annotations
@@ -19,13 +25,15 @@ log = logging.getLogger(__name__)
 
 #: Execution option marking an engine whose transactions write.
 WRITE_OPTION = "mint_write"
+#: Execution option marking an engine whose connections run single statements, no BEGIN.
+SINGLE_STATEMENT_OPTION = "mint_single_statement"
 SQLITE_BUSY_TIMEOUT_S = 30.0
 
 
 def make_engine(url: str) -> Engine:
     """An engine for `url`; SQLite URLs get WAL, foreign keys and immediate write locks."""
     if not url.startswith("sqlite"):
-        return create_engine(url, pool_pre_ping=True)
+        return create_engine(url)
     in_memory = url in ("sqlite://", "sqlite:///:memory:")
     engine = create_engine(
         url,
@@ -36,6 +44,13 @@ def make_engine(url: str) -> Engine:
     event.listen(engine, "connect", _on_sqlite_connect)
     event.listen(engine, "begin", _on_sqlite_begin)
     return engine
+
+
+def lookup_engine(engine: Engine) -> Engine:
+    """`engine` set up for single-statement reads that need no BEGIN and no COMMIT."""
+    if engine.dialect.name == "sqlite":
+        return engine.execution_options(**{SINGLE_STATEMENT_OPTION: True})
+    return engine.execution_options(isolation_level="AUTOCOMMIT")
 
 
 def _on_sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
@@ -51,5 +66,8 @@ def _on_sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
 
 
 def _on_sqlite_begin(connection: Connection) -> None:
-    writes = connection.get_execution_options().get(WRITE_OPTION, False)
+    options = connection.get_execution_options()
+    if options.get(SINGLE_STATEMENT_OPTION, False):
+        return  # SQLite reads one statement atomically without an explicit transaction
+    writes = options.get(WRITE_OPTION, False)
     connection.exec_driver_sql("BEGIN IMMEDIATE" if writes else "BEGIN")

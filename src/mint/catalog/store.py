@@ -20,13 +20,13 @@ from typing import Any
 
 from sqlalchemy import Integer, String, cast, func, insert, literal, null, select, union_all
 from sqlalchemy.engine import Row
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.sql.selectable import CompoundSelect
 
-from mint.catalog import gc, paging, rules
+from mint.catalog import gc, lookup, paging, rules
 from mint.catalog.blobs import BlobStore, fsync_folder, sha256_hex, write_durable
-from mint.catalog.engine import WRITE_OPTION, make_engine
+from mint.catalog.engine import WRITE_OPTION, lookup_engine, make_engine
 from mint.catalog.migrate import upgrade_to_head
 from mint.catalog.peft_io import (
     CONFIG_FILE,
@@ -78,6 +78,7 @@ class Catalog:
         self._writes = sessionmaker(
             bind=self.engine.execution_options(**{WRITE_OPTION: True}), expire_on_commit=False
         )
+        self._lookups = lookup_engine(self.engine)
         self.blobs = BlobStore(blobs_dir)
 
     def close(self) -> None:
@@ -571,10 +572,32 @@ class Catalog:
         alias can shadow a checkpoint name.
         """
         ref = LATEST if ref is None else ref
+        found = self._lookup(tenant, policy_id, ref)
+        if found is not None:
+            return _looked_up_record(found, tenant, policy_id, self.blobs)
+        # Nothing found (or a malformed ref): the ORM path raises the error that says why.
         with self._reading() as session:
             policy = _policy_row(session, tenant, policy_id)
             row = _resolve_row(session, policy, ref)
             return _revision_record(row, tenant, policy_id, self.blobs)
+
+    def _lookup(self, tenant: str, policy_id: str, ref: str) -> Row[Any] | None:
+        """`resolve`'s one-query fast path (see `lookup`); None when it finds nothing."""
+        number = _ref_number(ref)
+        if number is None and ref.startswith("@"):
+            return None  # malformed; the slow path explains
+        for attempt in (1, 2):
+            try:
+                with self._lookups.connect() as connection:
+                    if number is not None:
+                        return lookup.revision_by_number(connection, tenant, policy_id, number)
+                    return lookup.revision_by_alias_or_name(connection, tenant, policy_id, ref)
+            except DBAPIError as error:
+                # A connection the server dropped: the pool is discarded, try a fresh one.
+                if attempt == 2 or not error.connection_invalidated:
+                    raise
+                log.warning("catalog connection lost (%s); retrying on a new one", error.orig)
+        raise AssertionError("unreachable: the last attempt returns or raises")
 
     def list_revisions(
         self, tenant: str, policy_id: str, limit: int = 100, offset: int = 0
@@ -856,6 +879,16 @@ def _resolve_row(session: Session, policy: PolicyRow, ref: str) -> RevisionRow:
     )
 
 
+def _ref_number(ref: str) -> int | None:
+    """The revision number `ref` spells ("3" or "@3"), else None. Aliases start with a
+    letter, so a number is never an alias; "000010" is a zero-padded step name."""
+    if ref.startswith("@") and ref[1:].isdigit():
+        return int(ref[1:])
+    if ref.isdigit() and str(int(ref)) == ref:
+        return int(ref)
+    return None
+
+
 def _point_alias(
     session: Session, policy_pk: int, alias: str, number: int, now: datetime
 ) -> int | None:
@@ -1033,6 +1066,29 @@ def _revision_record(
     row: RevisionRow, tenant: str, policy_id: str, blobs: BlobStore
 ) -> RevisionRecord:
     assert row.name is not None, "tombstoned revisions are never turned into records"
+    return RevisionRecord(
+        tenant=tenant,
+        policy_id=policy_id,
+        number=row.number,
+        name=row.name,
+        sha256=row.sha256,
+        size_bytes=row.size_bytes,
+        base_id=row.base_id,
+        base_fingerprint=row.base_fingerprint,
+        rank=row.rank,
+        alpha=row.alpha,
+        target_modules=tuple(row.target_modules),
+        parent_number=row.parent_number,
+        step=row.step,
+        created_at=row.created_at,
+        blob_path=str(blobs.path(row.blob_key)),
+        manifest_extra=dict(row.manifest_extra or {}),
+    )
+
+
+def _looked_up_record(
+    row: Row[Any], tenant: str, policy_id: str, blobs: BlobStore
+) -> RevisionRecord:
     return RevisionRecord(
         tenant=tenant,
         policy_id=policy_id,
