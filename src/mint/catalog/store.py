@@ -71,7 +71,8 @@ EXPORT_ATTEMPTS = 5
 class Catalog:
     """Tenants, API keys, bases, policies, training states, revisions and aliases."""
 
-    def __init__(self, url: str, blobs_dir: Path) -> None:
+    def __init__(self, url: str, blobs: Path | BlobStore) -> None:
+        """`url` is the database; `blobs` a local folder or a configured blob store."""
         self.engine = make_engine(url)
         upgrade_to_head(self.engine)
         self._reads = sessionmaker(bind=self.engine, expire_on_commit=False)
@@ -79,7 +80,7 @@ class Catalog:
             bind=self.engine.execution_options(**{WRITE_OPTION: True}), expire_on_commit=False
         )
         self._lookups = lookup_engine(self.engine)
-        self.blobs = BlobStore(blobs_dir)
+        self.blobs = blobs if isinstance(blobs, BlobStore) else BlobStore(blobs)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -550,7 +551,7 @@ class Catalog:
 
     def read_revision_tensors(self, revision: RevisionRecord) -> AdapterTensors:
         """The revision's tensors in host memory, after checking its bytes against its sha256."""
-        folder = Path(revision.blob_path)
+        folder = self._fetch(revision)
         weights, config = _read_adapter_files(folder)
         if adapter_digest(weights, config) != revision.sha256:
             raise _damaged(revision, folder)
@@ -561,7 +562,9 @@ class Catalog:
         with self._reading() as session:
             policy = _policy_row(session, tenant, policy_id)
             row = _revision_row(session, policy, number)
-            return _revision_record(row, tenant, policy_id, self.blobs)
+            record = _revision_record(row, tenant, policy_id, self.blobs)
+        self._fetch(record)
+        return record
 
     def resolve(self, tenant: str, policy_id: str, ref: str | None = None) -> RevisionRecord:
         """The revision `ref` names on a policy.
@@ -574,12 +577,20 @@ class Catalog:
         ref = LATEST if ref is None else ref
         found = self._lookup(tenant, policy_id, ref)
         if found is not None:
-            return _looked_up_record(found, tenant, policy_id, self.blobs)
-        # Nothing found (or a malformed ref): the ORM path raises the error that says why.
-        with self._reading() as session:
-            policy = _policy_row(session, tenant, policy_id)
-            row = _resolve_row(session, policy, ref)
-            return _revision_record(row, tenant, policy_id, self.blobs)
+            record = _looked_up_record(found, tenant, policy_id, self.blobs)
+        else:
+            # Nothing found (or a malformed ref): the ORM path raises the error saying why.
+            with self._reading() as session:
+                policy = _policy_row(session, tenant, policy_id)
+                row = _resolve_row(session, policy, ref)
+                record = _revision_record(row, tenant, policy_id, self.blobs)
+        self._fetch(record)
+        return record
+
+    def _fetch(self, revision: RevisionRecord) -> Path:
+        """Make sure `revision.blob_path` holds its files (an object store fetches them once;
+        a local folder holds them already)."""
+        return self.blobs.local_folder(f"revisions/{revision.sha256}", revision.sha256)
 
     def _lookup(self, tenant: str, policy_id: str, ref: str) -> Row[Any] | None:
         """`resolve`'s one-query fast path (see `lookup`); None when it finds nothing."""
