@@ -702,6 +702,33 @@ class Catalog:
             )
             return [_union_checkpoint(row, tenant) for row in rows], total
 
+    def last_checkpoints(
+        self, tenant: str, policy_ids: Sequence[str]
+    ) -> dict[str, dict[str, CheckpointRecord]]:
+        """For each policy named, its newest checkpoint of each kind (by creation time), in
+        one query for all of them; a policy without checkpoints maps to {}."""
+        last: dict[str, dict[str, CheckpointRecord]] = {policy: {} for policy in policy_ids}
+        if not policy_ids:
+            return last
+        combined = _checkpoint_union(tenant, None).subquery()
+        newest_first = (
+            func.row_number()
+            .over(
+                partition_by=(combined.c.policy_id, combined.c.kind),
+                order_by=(combined.c.created_at.desc(), combined.c.row_id.desc()),
+            )
+            .label("newness")
+        )
+        ranked = (
+            select(combined, newest_first)
+            .where(combined.c.policy_id.in_(list(policy_ids)))
+            .subquery()
+        )
+        with self._reading() as session:
+            for row in session.execute(select(ranked).where(ranked.c.newness == 1)):
+                last[row.policy_id][row.kind] = _union_checkpoint(row, tenant)
+        return last
+
     def delete_checkpoint(self, tenant: str, policy_id: str, kind: str, name: str) -> None:
         """Forget a checkpoint's record; its bytes stay until the garbage collector runs,
         since identical bytes may back other records."""
