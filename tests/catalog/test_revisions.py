@@ -277,8 +277,9 @@ def test_resolve_survives_a_connection_the_server_dropped(catalog: Catalog) -> N
 
     export(catalog, seed=0)
     assert catalog.resolve("acme", "pol").number == 1  # leaves one pooled connection
-    assert catalog.engine.pool.checkedin() == 1  # type: ignore[attr-defined]
-    with catalog.engine.connect() as connection:  # that same connection
+    lookups = catalog._lookups  # resolve's own pool
+    assert lookups.pool.checkedin() == 1  # type: ignore[attr-defined]
+    with lookups.connect() as connection:  # that same connection
         pid = connection.execute(text("SELECT pg_backend_pid()")).scalar_one()
     killer = create_engine(catalog.engine.url)
     with killer.connect() as connection:

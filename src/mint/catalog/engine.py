@@ -6,10 +6,10 @@ can fail with "database is locked" when another writer committed in between, whi
 timeout does not retry; taking the write lock up front turns that into a plain wait.
 
 Lookups (`lookup_engine`) run one SELECT each without an explicit transaction: on SQLite no
-BEGIN is issued, on PostgreSQL the connection is in autocommit, which saves the BEGIN and
-COMMIT round trips. Connections are not pinged on checkout (that is one more round trip per
-lookup); a connection the server dropped fails once, SQLAlchemy then discards the pool, and
-`Catalog` retries a lookup on a fresh connection.
+BEGIN is issued; on PostgreSQL they get their own pool of autocommit connections, which
+saves the BEGIN and COMMIT round trips, and which skips the pre-ping the main pool does on
+every checkout (one more round trip). A lookup connection the server dropped fails once,
+SQLAlchemy then discards that pool, and `Catalog` retries the lookup on a fresh connection.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ SQLITE_BUSY_TIMEOUT_S = 30.0
 def make_engine(url: str) -> Engine:
     """An engine for `url`; SQLite URLs get WAL, foreign keys and immediate write locks."""
     if not url.startswith("sqlite"):
-        return create_engine(url)
+        return create_engine(url, pool_pre_ping=True)
     in_memory = url in ("sqlite://", "sqlite:///:memory:")
     engine = create_engine(
         url,
@@ -47,10 +47,14 @@ def make_engine(url: str) -> Engine:
 
 
 def lookup_engine(engine: Engine) -> Engine:
-    """`engine` set up for single-statement reads that need no BEGIN and no COMMIT."""
+    """An engine on `engine`'s database for single-statement reads: no BEGIN, no COMMIT.
+
+    SQLite shares `engine`'s pool (an in-memory database exists only there); PostgreSQL
+    gets a pool of its own, so its connections can skip the pre-ping.
+    """
     if engine.dialect.name == "sqlite":
         return engine.execution_options(**{SINGLE_STATEMENT_OPTION: True})
-    return engine.execution_options(isolation_level="AUTOCOMMIT")
+    return create_engine(engine.url, isolation_level="AUTOCOMMIT")
 
 
 def _on_sqlite_connect(dbapi_connection: Any, _record: Any) -> None:

@@ -83,6 +83,7 @@ class Catalog:
         self.blobs = blobs if isinstance(blobs, BlobStore) else BlobStore(blobs)
 
     def close(self) -> None:
+        self._lookups.dispose()
         self.engine.dispose()
 
     @contextmanager
