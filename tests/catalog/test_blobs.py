@@ -213,3 +213,18 @@ def test_export_then_import_through_the_store(
     assert adapter_files(tmp_path / "one") == adapter_files(tmp_path / "two")
     assert imported.sha256 == first.sha256
     assert keys(catalog.blobs, "revisions") == [f"revisions/{first.sha256}"]
+
+
+def test_configuration_picks_the_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mint.config import Settings
+
+    monkeypatch.delenv("MINT_BLOB_URL", raising=False)
+    local = Settings(home=tmp_path, device="cpu").blob_store()
+    assert type(local) is BlobStore and local.root == (tmp_path / "blobs").resolve()
+    monkeypatch.setenv("MINT_BLOB_URL", "s3://mint-bucket/catalog")
+    monkeypatch.setenv("MINT_BLOB_ENDPOINT_URL", "http://127.0.0.1:9")
+    remote = Settings(home=tmp_path, device="cpu").blob_store()
+    assert isinstance(remote, ObjectBlobStore)
+    assert (remote.url, remote.remote_root) == ("s3://mint-bucket/catalog", "mint-bucket/catalog")
+    assert remote.remote.endpoint_url == "http://127.0.0.1:9"  # type: ignore[attr-defined]
+    assert remote.root == (tmp_path / "blobs").resolve()  # the local cache

@@ -8,6 +8,9 @@ For each backend, in one process and one run:
    untimed warm-up (statement compilation, PostgreSQL's prepared statements) of each kind.
 3. List: random pages of one policy's revisions (opaque keyset tokens); p50 and p99.
 4. Size: the database's bytes on disk, and this process's resident memory growth.
+5. Timer floor: a busy loop as long as the resolve p50, timed the same way. Its p99 is what
+   the machine's scheduling alone adds on a shared host; a resolve p99 near it says the
+   tail is the host's, not the catalog's.
 PostgreSQL runs in a scratch schema that is dropped afterwards.
 """
 
@@ -93,6 +96,15 @@ def timed(calls: list[Callable[[], object]]) -> list[float]:
     return samples
 
 
+def busy_loop(duration_s: float) -> Callable[[], object]:
+    def spin() -> None:
+        until = time.perf_counter() + duration_s
+        while time.perf_counter() < until:
+            pass
+
+    return spin
+
+
 def fill(catalog: Catalog, args: argparse.Namespace) -> tuple[list[str], float]:
     """Step 1: returns the policy ids and the registration rate (revisions/s)."""
     import torch
@@ -151,12 +163,14 @@ def measure(url: str, blobs: Path, sqlite_file: Path | None, args: argparse.Name
         resolve = timed([resolve_call() for _ in range(args.samples)])
         pages = timed([page_call() for _ in range(max(1, args.samples // 4))])
         total = sum(catalog.list_revisions(TENANT, p, limit=1)[1] for p in policies)
+        floor = timed([busy_loop(statistics.median(resolve))] * args.samples)
         return {
             "revisions": total,
             "policies": len(policies),
             "registration_per_s": rate,
             "resolve": percentiles(resolve),
             "list_page": percentiles(pages),
+            "timer_floor": percentiles(floor),
             "database_bytes": database_bytes(catalog, sqlite_file),
             "rss_growth_bytes": rss_bytes() - rss_before,
             # Timings on a shared machine mean little without how busy it was.
@@ -189,6 +203,8 @@ def report(results: dict[str, dict], args: argparse.Namespace) -> None:
         ("registration (revisions/s)", lambda r: f"{r['registration_per_s']:,.0f}"),
         ("resolve p50 / p99 (ms)", lambda r: f"{r['resolve']['p50_ms']:.2f} / "
                                              f"{r['resolve']['p99_ms']:.2f}"),
+        ("timer floor p50 / p99 (ms)", lambda r: f"{r['timer_floor']['p50_ms']:.2f} / "
+                                                 f"{r['timer_floor']['p99_ms']:.2f}"),
         ("list page p50 / p99 (ms)", lambda r: f"{r['list_page']['p50_ms']:.2f} / "
                                                f"{r['list_page']['p99_ms']:.2f}"),
         ("database (MiB)", lambda r: f"{r['database_bytes'] / 2**20:.1f}"),
