@@ -41,7 +41,7 @@ def _catalog():  # type: ignore[no-untyped-def]
 
     settings = Settings()
     settings.home.mkdir(parents=True, exist_ok=True)
-    return Catalog(settings.catalog_url, settings.blobs_dir)
+    return Catalog(settings.catalog_url, settings.blob_store())
 
 
 @app.command()

@@ -39,7 +39,7 @@ def open_catalog(settings: Settings | None = None) -> Catalog:
 
     settings = settings or Settings()
     settings.home.mkdir(parents=True, exist_ok=True)
-    return Catalog(settings.catalog_url, settings.blobs_dir)
+    return Catalog(settings.catalog_url, settings.blob_store())
 
 
 def print_revisions(catalog: Catalog, tenant: str, policy: str) -> None:

@@ -5,6 +5,10 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from mint.catalog.blobs import BlobStore
 
 
 def default_device() -> str:
@@ -54,6 +58,23 @@ class Settings:
     @property
     def blobs_dir(self) -> Path:
         return self.home / "blobs"
+
+    @property
+    def blob_url(self) -> str:
+        """Where blobs live: empty for the local `blobs_dir`, else an fsspec URL such as
+        `s3://bucket/prefix` (then `blobs_dir` is the local cache)."""
+        return os.environ.get("MINT_BLOB_URL", "")
+
+    @property
+    def blob_endpoint_url(self) -> str:
+        """The S3-compatible server's URL when it is not AWS (credentials come from the
+        usual AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY variables)."""
+        return os.environ.get("MINT_BLOB_ENDPOINT_URL", "")
+
+    def blob_store(self) -> BlobStore:
+        from mint.catalog.blobs import open_blob_store
+
+        return open_blob_store(self.blobs_dir, self.blob_url, self.blob_endpoint_url)
 
     @property
     def catalog_url(self) -> str:

@@ -22,5 +22,5 @@ def test_bench_catalog_runs_at_500_revisions(tmp_path: Path, postgres_url: str) 
     for figures in body["backends"].values():
         assert (figures["revisions"], figures["policies"]) == (500, 3)
         assert figures["registration_per_s"] > 0 and figures["database_bytes"] > 0
-        for kind in ("resolve", "list_page"):
+        for kind in ("resolve", "list_page", "timer_floor"):
             assert 0 < figures[kind]["p50_ms"] <= figures[kind]["p99_ms"] <= figures[kind]["max_ms"]

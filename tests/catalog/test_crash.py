@@ -3,7 +3,8 @@
 Each child is forked from the test process (a fresh interpreter would spend about two
 seconds importing torch, so 200 kills would take minutes) and exports revisions in a loop
 until it is killed. Afterwards every visible revision must be whole and GC must clear the
-leftovers.
+leftovers. It runs on SQLite and on PostgreSQL (a killed client's transaction is rolled
+back by the server).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tests.catalog.conftest import BASE_ID, FINGERPRINT, SIGNATURE, make_tensors
+from tests.catalog.conftest import make_tensors
 
 from mint.catalog import Catalog
 from mint.catalog.peft_io import read_manifest
@@ -30,11 +31,14 @@ pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 
 def _export_until_killed(url: str, blobs: Path, tensors: list, start: int, ready: int) -> None:
     catalog = Catalog(url, blobs)
-    os.write(ready, b"r")  # kill times are drawn from here on, so they land in exports
     step = start
     while True:
         # The step says which tensors were written, so the check can compare contents.
         catalog.export_revision("acme", "pol", None, tensors[step % ADAPTERS], step)
+        if step == start:
+            # The first export paid for this engine's statement compilation; kill times are
+            # drawn from here on, so they land in steady-state exports.
+            os.write(ready, b"r")
         step += 1
 
 
@@ -59,16 +63,12 @@ def _run_child(url: str, blobs: Path, tensors: list, start: int, delay_s: float)
     return status
 
 
-def test_sigkilled_exports_leave_whole_revisions_or_none(tmp_path: Path) -> None:
-    url, blobs = f"sqlite:///{tmp_path / 'catalog.db'}", tmp_path / "blobs"
-    setup = Catalog(url, blobs)
-    setup.ensure_tenant("acme")
-    setup.record_base(BASE_ID, FINGERPRINT)
-    setup.create_policy("acme", "pol", BASE_ID, FINGERPRINT, SIGNATURE)
+def test_sigkilled_exports_leave_whole_revisions_or_none(catalog: Catalog) -> None:
+    """On SQLite and on PostgreSQL: the fixture's catalog has policy "pol" and no revisions."""
+    url, blobs = catalog.engine.url.render_as_string(hide_password=False), catalog.blobs.root
     tensors = [make_tensors(seed) for seed in range(ADAPTERS)]
-    # One export here warms what every child would otherwise compile first (SQL caches).
-    setup.export_revision("acme", "pol", None, tensors[0], 0)
-    setup.close()  # nothing of the database stays open across fork
+    catalog.export_revision("acme", "pol", None, tensors[0], 0)
+    catalog.close()  # nothing of the database stays open across fork
     rng = random.Random(20261203)
     statuses = [
         _run_child(url, blobs, tensors, kill * 1000, rng.uniform(0.0, 0.1)) for kill in range(KILLS)
@@ -81,7 +81,7 @@ def test_sigkilled_exports_leave_whole_revisions_or_none(tmp_path: Path) -> None
 def check_catalog_is_whole(catalog: Catalog, tensors: list) -> None:
     try:
         revisions, total = catalog.list_revisions("acme", "pol", limit=10_000)
-        assert total > KILLS // 4, "the children must have committed exports"
+        assert total > KILLS, "every child commits one export before the kill can come"
         assert [r.number for r in revisions] == list(range(1, total + 1))
         assert [r.parent_number for r in revisions] == [None, *range(1, total)]
         assert catalog.aliases("acme", "pol") == {"latest": total}

@@ -193,3 +193,38 @@ def test_records_survive_reopening(catalog: Catalog, catalog_url: str, tmp_path:
         assert sorted(tensors) == sorted(make_tensors(0))
     finally:
         reopened.close()
+
+
+def test_newest_checkpoints_of_many_policies_in_one_query(catalog: Catalog) -> None:
+    from sqlalchemy import event
+
+    policies = ["pol", "p1", "p2", "p3", "empty"]
+    for policy in policies[1:]:
+        catalog.create_policy("acme", policy, BASE_ID, FINGERPRINT, SIGNATURE)
+    for index, policy in enumerate(policies[:-1]):
+        catalog.save_training_state("acme", policy, "s-old", b"old" + bytes([index]), 1)
+        catalog.save_training_state("acme", policy, "s-new", b"new" + bytes([index]), 2)
+        catalog.export_revision("acme", policy, "r-old", make_tensors(index), 1)
+        catalog.export_revision("acme", policy, "r-new", make_tensors(index + 10), 2)
+    catalog.create_policy("globex", "pol", BASE_ID, FINGERPRINT, SIGNATURE)
+    catalog.save_training_state("globex", "pol", "theirs", b"globex", 9)
+    statements: list[str] = []
+
+    def count(*args: object) -> None:
+        statements.append(str(args[2]))
+
+    event.listen(catalog.engine, "before_cursor_execute", count)
+    try:
+        newest = catalog.last_checkpoints("acme", policies)
+    finally:
+        event.remove(catalog.engine, "before_cursor_execute", count)
+    assert len([s for s in statements if s.lstrip().upper().startswith("SELECT")]) == 1
+    assert newest["empty"] == {}
+    for policy in policies[:-1]:
+        assert {kind: record.name for kind, record in newest[policy].items()} == {
+            "training": "s-new",
+            "sampler": "r-new",
+        }
+        assert newest[policy]["sampler"].revision_number == 2
+        assert all(record.policy_id == policy for record in newest[policy].values())
+    assert catalog.last_checkpoints("acme", []) == {}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import threading
 from pathlib import Path
 
@@ -71,6 +72,56 @@ def test_numbers_are_unique_under_concurrent_exports(catalog: Catalog) -> None:
     assert [r.parent_number for r in revisions] == [None, *range(1, 16)]
     assert len({r.sha256 for r in revisions}) == 16
     assert catalog.aliases("acme", "pol") == {"latest": 16}
+
+
+WRITER_PROCESSES = 8
+EXPORTS_PER_WRITER = 3
+
+
+def _writer_process(url: str, blobs: Path, worker: int, start: int) -> None:
+    """A forked child: open its own catalog, wait for the start signal, export, exit."""
+    code = 1
+    try:
+        catalog = Catalog(url, blobs)
+        os.read(start, 1)
+        for round_ in range(EXPORTS_PER_WRITER):
+            seed = 100 + worker * EXPORTS_PER_WRITER + round_
+            catalog.export_revision("acme", "pol", None, make_tensors(seed), step=seed)
+        catalog.close()
+        code = 0
+    finally:
+        os._exit(code)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_writer_processes_get_gapless_unique_numbers(catalog: Catalog) -> None:
+    """8 processes, each with its own engine, export into one policy at the same moment."""
+    url, blobs = catalog.engine.url.render_as_string(hide_password=False), catalog.blobs.root
+    catalog.close()  # nothing of the database stays open across fork
+    start, go = os.pipe()
+    children = []
+    for worker in range(WRITER_PROCESSES):
+        pid = os.fork()
+        if pid == 0:
+            os.close(go)
+            _writer_process(url, blobs, worker, start)
+        children.append(pid)
+    os.close(start)
+    os.write(go, b"g" * WRITER_PROCESSES)  # every child's read returns at once
+    os.close(go)
+    codes = [os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in children]
+    assert codes == [0] * WRITER_PROCESSES
+    reopened = Catalog(url, blobs)
+    try:
+        revisions, total = reopened.list_revisions("acme", "pol")
+        count = WRITER_PROCESSES * EXPORTS_PER_WRITER
+        assert total == count
+        assert [r.number for r in revisions] == list(range(1, count + 1))
+        assert [r.parent_number for r in revisions] == [None, *range(1, count)]
+        assert sorted(r.step for r in revisions) == list(range(100, 100 + count))
+        assert reopened.aliases("acme", "pol") == {"latest": count}
+    finally:
+        reopened.close()
 
 
 def test_rollback_moves_latest_back_and_resolve_follows(catalog: Catalog) -> None:
@@ -201,3 +252,37 @@ def test_read_revision_tensors_refuses_damaged_bytes(catalog: Catalog) -> None:
     config.write_text(json.dumps(body))
     with pytest.raises(MintError, match=r"do not match sha256 .*; the blob store is damaged"):
         catalog.read_revision_tensors(revision)
+
+
+def test_resolve_follows_an_alias_another_catalog_moves(catalog: Catalog) -> None:
+    """Nothing is cached: a move made through another engine is seen by the next lookup."""
+    export(catalog, seed=0)
+    export(catalog, seed=1)
+    other = Catalog(catalog.engine.url.render_as_string(hide_password=False), catalog.blobs)
+    try:
+        other.set_alias("acme", "pol", "prod", 1)
+        assert catalog.resolve("acme", "pol", "prod").number == 1
+        other.set_alias("acme", "pol", "prod", 2)
+        assert catalog.resolve("acme", "pol", "prod").number == 2
+        other.rollback("acme", "pol", 1)
+        assert catalog.resolve("acme", "pol").number == 1
+    finally:
+        other.close()
+
+
+def test_resolve_survives_a_connection_the_server_dropped(catalog: Catalog) -> None:
+    if catalog.engine.dialect.name != "postgresql":
+        pytest.skip("SQLite has no server to drop a connection")
+    from sqlalchemy import create_engine, text
+
+    export(catalog, seed=0)
+    assert catalog.resolve("acme", "pol").number == 1  # leaves one pooled connection
+    lookups = catalog._lookups  # resolve's own pool
+    assert lookups.pool.checkedin() == 1  # type: ignore[attr-defined]
+    with lookups.connect() as connection:  # that same connection
+        pid = connection.execute(text("SELECT pg_backend_pid()")).scalar_one()
+    killer = create_engine(catalog.engine.url)
+    with killer.connect() as connection:
+        connection.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+    killer.dispose()
+    assert catalog.resolve("acme", "pol").number == 1  # fails once, retried on a new one

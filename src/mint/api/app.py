@@ -480,11 +480,16 @@ def checkpoint_json(record: CheckpointRecord) -> dict[str, Any]:
     }
 
 
-def training_run_json(service: Service, policy: PolicyRecord) -> dict[str, Any]:
-    checkpoints, _ = service.catalog.list_checkpoints(policy.tenant, policy.policy_id, 1000, 0)
-    last = {kind: None for kind in ("training", "sampler")}
-    for record in checkpoints:
-        last[record.kind] = checkpoint_json(record)  # type: ignore[assignment]
+def training_run_json(
+    service: Service, policy: PolicyRecord, newest: dict[str, CheckpointRecord] | None = None
+) -> dict[str, Any]:
+    """`newest`: the policy's newest checkpoint per kind, when the caller fetched it already."""
+    if newest is None:
+        newest = service.catalog.last_checkpoints(policy.tenant, [policy.policy_id])[
+            policy.policy_id
+        ]
+    last = {kind: checkpoint_json(newest[kind]) if kind in newest else None
+            for kind in ("training", "sampler")}  # fmt: skip
     return {
         "training_run_id": policy.policy_id,
         "base_model": policy.base_id,
@@ -503,7 +508,8 @@ def add_rest_routes(app: FastAPI, service: Service, Tenant: Any) -> None:
     @app.get("/api/v1/training_runs")
     async def training_runs(tenant: Tenant, limit: int = 20, offset: int = 0) -> dict[str, Any]:
         policies, total = service.catalog.list_policies(tenant, limit, offset)
-        runs = [training_run_json(service, p) for p in policies]
+        newest = service.catalog.last_checkpoints(tenant, [p.policy_id for p in policies])
+        runs = [training_run_json(service, p, newest[p.policy_id]) for p in policies]
         return {
             "training_runs": runs,
             "cursor": {"offset": offset, "limit": limit, "total_count": total},

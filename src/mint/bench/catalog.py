@@ -4,9 +4,13 @@ For each backend, in one process and one run:
 1. Fill: policies of `--per-policy` revisions each, `--revisions` in all. Each policy gets
    one real export (PEFT files, fsync, rename); the rest are registered in bulk on that
    shared blob (`Catalog.register_copies`, `--batch` revisions per transaction).
-2. Resolve: random (policy, alias or number) -> revision lookups; p50 and p99.
+2. Resolve: random (policy, alias or number) -> revision lookups; p50 and p99, after an
+   untimed warm-up (statement compilation, PostgreSQL's prepared statements) of each kind.
 3. List: random pages of one policy's revisions (opaque keyset tokens); p50 and p99.
 4. Size: the database's bytes on disk, and this process's resident memory growth.
+5. Timer floor: a busy loop as long as the resolve p50, timed the same way. Its p99 is what
+   the machine's scheduling alone adds on a shared host; a resolve p99 near it says the
+   tail is the host's, not the catalog's.
 PostgreSQL runs in a scratch schema that is dropped afterwards.
 """
 
@@ -15,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import random
 import resource
 import statistics
@@ -38,6 +43,8 @@ BASE_ID = "mint-bench/catalog"
 FINGERPRINT = "be" * 32
 SIGNATURE = LoraSignature(rank=1, alpha=2.0, target_modules=("q_proj",))
 TENANT = "bench"
+#: Lookups run before timing; psycopg prepares a statement after its fifth use.
+WARM_UP_CALLS = 50
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -87,6 +94,15 @@ def timed(calls: list[Callable[[], object]]) -> list[float]:
         call()
         samples.append(time.perf_counter() - started)
     return samples
+
+
+def busy_loop(duration_s: float) -> Callable[[], object]:
+    def spin() -> None:
+        until = time.perf_counter() + duration_s
+        while time.perf_counter() < until:
+            pass
+
+    return spin
 
 
 def fill(catalog: Catalog, args: argparse.Namespace) -> tuple[list[str], float]:
@@ -143,17 +159,22 @@ def measure(url: str, blobs: Path, sqlite_file: Path | None, args: argparse.Name
             token = paging.encode_token("revisions", start) if start else None
             return lambda: catalog.revision_page(TENANT, policy, args.page_size, token)
 
+        timed([resolve_call() for _ in range(WARM_UP_CALLS)] + [page_call()])
         resolve = timed([resolve_call() for _ in range(args.samples)])
         pages = timed([page_call() for _ in range(max(1, args.samples // 4))])
         total = sum(catalog.list_revisions(TENANT, p, limit=1)[1] for p in policies)
+        floor = timed([busy_loop(statistics.median(resolve))] * args.samples)
         return {
             "revisions": total,
             "policies": len(policies),
             "registration_per_s": rate,
             "resolve": percentiles(resolve),
             "list_page": percentiles(pages),
+            "timer_floor": percentiles(floor),
             "database_bytes": database_bytes(catalog, sqlite_file),
             "rss_growth_bytes": rss_bytes() - rss_before,
+            # Timings on a shared machine mean little without how busy it was.
+            "load_average_1m": os.getloadavg()[0],
         }
     finally:
         catalog.close()
@@ -182,10 +203,13 @@ def report(results: dict[str, dict], args: argparse.Namespace) -> None:
         ("registration (revisions/s)", lambda r: f"{r['registration_per_s']:,.0f}"),
         ("resolve p50 / p99 (ms)", lambda r: f"{r['resolve']['p50_ms']:.2f} / "
                                              f"{r['resolve']['p99_ms']:.2f}"),
+        ("timer floor p50 / p99 (ms)", lambda r: f"{r['timer_floor']['p50_ms']:.2f} / "
+                                                 f"{r['timer_floor']['p99_ms']:.2f}"),
         ("list page p50 / p99 (ms)", lambda r: f"{r['list_page']['p50_ms']:.2f} / "
                                                f"{r['list_page']['p99_ms']:.2f}"),
         ("database (MiB)", lambda r: f"{r['database_bytes'] / 2**20:.1f}"),
         ("memory growth (MiB)", lambda r: f"{r['rss_growth_bytes'] / 2**20:.1f}"),
+        ("load average (1 min)", lambda r: f"{r['load_average_1m']:.1f}"),
     ]  # fmt: skip
     for label, cell in rows:
         table.add_row(label, *(cell(results[b]) for b in results))

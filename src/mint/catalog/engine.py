@@ -4,6 +4,12 @@ SQLite runs in WAL mode (readers never block the writer) with foreign keys on. T
 that write start with `BEGIN IMMEDIATE`: a deferred transaction that reads and then writes
 can fail with "database is locked" when another writer committed in between, which the busy
 timeout does not retry; taking the write lock up front turns that into a plain wait.
+
+Lookups (`lookup_engine`) run one SELECT each without an explicit transaction: on SQLite no
+BEGIN is issued; on PostgreSQL they get their own pool of autocommit connections, which
+saves the BEGIN and COMMIT round trips, and which skips the pre-ping the main pool does on
+every checkout (one more round trip). A lookup connection the server dropped fails once,
+SQLAlchemy then discards that pool, and `Catalog` retries the lookup on a fresh connection.
 """
 
 from __future__ import annotations
@@ -19,6 +25,8 @@ log = logging.getLogger(__name__)
 
 #: Execution option marking an engine whose transactions write.
 WRITE_OPTION = "mint_write"
+#: Execution option marking an engine whose connections run single statements, no BEGIN.
+SINGLE_STATEMENT_OPTION = "mint_single_statement"
 SQLITE_BUSY_TIMEOUT_S = 30.0
 
 
@@ -38,6 +46,17 @@ def make_engine(url: str) -> Engine:
     return engine
 
 
+def lookup_engine(engine: Engine) -> Engine:
+    """An engine on `engine`'s database for single-statement reads: no BEGIN, no COMMIT.
+
+    SQLite shares `engine`'s pool (an in-memory database exists only there); PostgreSQL
+    gets a pool of its own, so its connections can skip the pre-ping.
+    """
+    if engine.dialect.name == "sqlite":
+        return engine.execution_options(**{SINGLE_STATEMENT_OPTION: True})
+    return create_engine(engine.url, isolation_level="AUTOCOMMIT")
+
+
 def _on_sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
     # Let SQLAlchemy's "begin" event issue BEGIN itself instead of the driver's implicit one.
     dbapi_connection.isolation_level = None
@@ -51,5 +70,8 @@ def _on_sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
 
 
 def _on_sqlite_begin(connection: Connection) -> None:
-    writes = connection.get_execution_options().get(WRITE_OPTION, False)
+    options = connection.get_execution_options()
+    if options.get(SINGLE_STATEMENT_OPTION, False):
+        return  # SQLite reads one statement atomically without an explicit transaction
+    writes = options.get(WRITE_OPTION, False)
     connection.exec_driver_sql("BEGIN IMMEDIATE" if writes else "BEGIN")

@@ -5,9 +5,10 @@
 2. Blobs under `revisions/` and `states/` that no live record names are deleted.
 3. Staging folders under `tmp/` (a crashed export's half-written files) are deleted.
 
-Steps 2 and 3 only take entries older than the grace period: an export renames its folder
-into place just before its record commits, and a write that finds its blob present refreshes
-its modification time, so anything young may be named by a record any moment.
+Steps 2 and 3 only take entries older than the grace period: an export publishes its folder
+(a rename, or an upload to an object store) just before its record commits, and a write
+that finds its blob present refreshes its modification time, so anything young may be
+named by a record any moment.
 Known shortcoming: an export that stalls for longer than the grace period between publishing
 its blob and committing its record can lose the blob; keep the grace well above the slowest
 commit (the default is an hour).

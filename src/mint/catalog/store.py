@@ -20,13 +20,13 @@ from typing import Any
 
 from sqlalchemy import Integer, String, cast, func, insert, literal, null, select, union_all
 from sqlalchemy.engine import Row
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.sql.selectable import CompoundSelect
 
-from mint.catalog import gc, paging, rules
+from mint.catalog import gc, lookup, paging, rules
 from mint.catalog.blobs import BlobStore, fsync_folder, sha256_hex, write_durable
-from mint.catalog.engine import WRITE_OPTION, make_engine
+from mint.catalog.engine import WRITE_OPTION, lookup_engine, make_engine
 from mint.catalog.migrate import upgrade_to_head
 from mint.catalog.peft_io import (
     CONFIG_FILE,
@@ -78,16 +78,19 @@ EXPORT_ATTEMPTS = 5
 class Catalog:
     """Tenants, API keys, bases, policies, training states, revisions and aliases."""
 
-    def __init__(self, url: str, blobs_dir: Path) -> None:
+    def __init__(self, url: str, blobs: Path | BlobStore) -> None:
+        """`url` is the database; `blobs` a local folder or a configured blob store."""
         self.engine = make_engine(url)
         upgrade_to_head(self.engine)
         self._reads = sessionmaker(bind=self.engine, expire_on_commit=False)
         self._writes = sessionmaker(
             bind=self.engine.execution_options(**{WRITE_OPTION: True}), expire_on_commit=False
         )
-        self.blobs = BlobStore(blobs_dir)
+        self._lookups = lookup_engine(self.engine)
+        self.blobs = blobs if isinstance(blobs, BlobStore) else BlobStore(blobs)
 
     def close(self) -> None:
+        self._lookups.dispose()
         self.engine.dispose()
 
     @contextmanager
@@ -603,7 +606,7 @@ class Catalog:
 
     def read_revision_tensors(self, revision: RevisionRecord) -> AdapterTensors:
         """The revision's tensors in host memory, after checking its bytes against its sha256."""
-        folder = Path(revision.blob_path)
+        folder = self._fetch(revision)
         weights, config = _read_adapter_files(folder)
         if adapter_digest(weights, config) != revision.sha256:
             raise _damaged(revision, folder)
@@ -614,7 +617,9 @@ class Catalog:
         with self._reading() as session:
             policy = _policy_row(session, tenant, policy_id)
             row = _revision_row(session, policy, number)
-            return _revision_record(row, tenant, policy_id, self.blobs)
+            record = _revision_record(row, tenant, policy_id, self.blobs)
+        self._fetch(record)
+        return record
 
     def resolve(self, tenant: str, policy_id: str, ref: str | None = None) -> RevisionRecord:
         """The revision `ref` names on a policy.
@@ -625,10 +630,40 @@ class Catalog:
         alias can shadow a checkpoint name.
         """
         ref = LATEST if ref is None else ref
-        with self._reading() as session:
-            policy = _policy_row(session, tenant, policy_id)
-            row = _resolve_row(session, policy, ref)
-            return _revision_record(row, tenant, policy_id, self.blobs)
+        found = self._lookup(tenant, policy_id, ref)
+        if found is not None:
+            record = _looked_up_record(found, tenant, policy_id, self.blobs)
+        else:
+            # Nothing found (or a malformed ref): the ORM path raises the error saying why.
+            with self._reading() as session:
+                policy = _policy_row(session, tenant, policy_id)
+                row = _resolve_row(session, policy, ref)
+                record = _revision_record(row, tenant, policy_id, self.blobs)
+        self._fetch(record)
+        return record
+
+    def _fetch(self, revision: RevisionRecord) -> Path:
+        """Make sure `revision.blob_path` holds its files (an object store fetches them once;
+        a local folder holds them already)."""
+        return self.blobs.local_folder(f"revisions/{revision.sha256}", revision.sha256)
+
+    def _lookup(self, tenant: str, policy_id: str, ref: str) -> Row[Any] | None:
+        """`resolve`'s one-query fast path (see `lookup`); None when it finds nothing."""
+        number = _ref_number(ref)
+        if number is None and ref.startswith("@"):
+            return None  # malformed; the slow path explains
+        for attempt in (1, 2):
+            try:
+                with self._lookups.connect() as connection:
+                    if number is not None:
+                        return lookup.revision_by_number(connection, tenant, policy_id, number)
+                    return lookup.revision_by_alias_or_name(connection, tenant, policy_id, ref)
+            except DBAPIError as error:
+                # A connection the server dropped: the pool is discarded, try a fresh one.
+                if attempt == 2 or not error.connection_invalidated:
+                    raise
+                log.warning("catalog connection lost (%s); retrying on a new one", error.orig)
+        raise AssertionError("unreachable: the last attempt returns or raises")
 
     def list_revisions(
         self, tenant: str, policy_id: str, limit: int = 100, offset: int = 0
@@ -721,6 +756,33 @@ class Catalog:
                 .offset(offset)
             )
             return [_union_checkpoint(row, tenant) for row in rows], total
+
+    def last_checkpoints(
+        self, tenant: str, policy_ids: Sequence[str]
+    ) -> dict[str, dict[str, CheckpointRecord]]:
+        """For each policy named, its newest checkpoint of each kind (by creation time), in
+        one query for all of them; a policy without checkpoints maps to {}."""
+        last: dict[str, dict[str, CheckpointRecord]] = {policy: {} for policy in policy_ids}
+        if not policy_ids:
+            return last
+        combined = _checkpoint_union(tenant, None).subquery()
+        newest_first = (
+            func.row_number()
+            .over(
+                partition_by=(combined.c.policy_id, combined.c.kind),
+                order_by=(combined.c.created_at.desc(), combined.c.row_id.desc()),
+            )
+            .label("newness")
+        )
+        ranked = (
+            select(combined, newest_first)
+            .where(combined.c.policy_id.in_(list(policy_ids)))
+            .subquery()
+        )
+        with self._reading() as session:
+            for row in session.execute(select(ranked).where(ranked.c.newness == 1)):
+                last[row.policy_id][row.kind] = _union_checkpoint(row, tenant)
+        return last
 
     def delete_checkpoint(self, tenant: str, policy_id: str, kind: str, name: str) -> None:
         """Forget a checkpoint's record; its bytes stay until the garbage collector runs,
@@ -910,6 +972,16 @@ def _resolve_row(session: Session, policy: PolicyRow, ref: str) -> RevisionRow:
     )
 
 
+def _ref_number(ref: str) -> int | None:
+    """The revision number `ref` spells ("3" or "@3"), else None. Aliases start with a
+    letter, so a number is never an alias; "000010" is a zero-padded step name."""
+    if ref.startswith("@") and ref[1:].isdigit():
+        return int(ref[1:])
+    if ref.isdigit() and str(int(ref)) == ref:
+        return int(ref)
+    return None
+
+
 def _point_alias(
     session: Session, policy_pk: int, alias: str, number: int, now: datetime
 ) -> int | None:
@@ -1087,6 +1159,29 @@ def _revision_record(
     row: RevisionRow, tenant: str, policy_id: str, blobs: BlobStore
 ) -> RevisionRecord:
     assert row.name is not None, "tombstoned revisions are never turned into records"
+    return RevisionRecord(
+        tenant=tenant,
+        policy_id=policy_id,
+        number=row.number,
+        name=row.name,
+        sha256=row.sha256,
+        size_bytes=row.size_bytes,
+        base_id=row.base_id,
+        base_fingerprint=row.base_fingerprint,
+        rank=row.rank,
+        alpha=row.alpha,
+        target_modules=tuple(row.target_modules),
+        parent_number=row.parent_number,
+        step=row.step,
+        created_at=row.created_at,
+        blob_path=str(blobs.path(row.blob_key)),
+        manifest_extra=dict(row.manifest_extra or {}),
+    )
+
+
+def _looked_up_record(
+    row: Row[Any], tenant: str, policy_id: str, blobs: BlobStore
+) -> RevisionRecord:
     return RevisionRecord(
         tenant=tenant,
         policy_id=policy_id,

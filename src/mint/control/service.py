@@ -52,7 +52,7 @@ class Service:
         self.settings = settings
         self.engine_config = engine_config or EngineConfig.from_env()
         settings.home.mkdir(parents=True, exist_ok=True)
-        self.catalog = catalog or Catalog(settings.catalog_url, settings.blobs_dir)
+        self.catalog = catalog or Catalog(settings.catalog_url, settings.blob_store())
         self.futures = FutureTable()
         self.gate = SeqGate(gap_timeout_s=settings.seq_gap_timeout_s)
         self.sessions = SessionTable()
