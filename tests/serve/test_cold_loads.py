@@ -18,7 +18,7 @@ from mint.models.base import ResidentBase
 from mint.serve import AdapterRef, Engine, SampleRequest, SampleResult, SamplingParams
 from mint.serve.config import EngineConfig
 from mint.serve.loader import read_revision_files
-from mint.serve.tiers import HostEntry
+from mint.serve.tiers import HostEntry, RevisionFiles
 
 WAIT_S = 60
 
@@ -34,13 +34,13 @@ class Reader:
     def __post_init__(self) -> None:
         self.gate.set()
 
-    def __call__(self, revision: RevisionRecord) -> tuple[bytes, bytes]:
+    def __call__(self, revision: RevisionRecord) -> RevisionFiles:
         self.reads.append(revision.sha256)
         assert self.gate.wait(WAIT_S)
-        weights, config = read_revision_files(revision)
+        files = read_revision_files(revision)
         if revision.sha256 in self.damaged:
-            weights = weights[: len(weights) // 2]
-        return weights, config
+            return RevisionFiles.of(files.weights[: len(files.weights) // 2], files.config)
+        return files
 
 
 @pytest.fixture

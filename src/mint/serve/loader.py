@@ -21,26 +21,32 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mint.catalog.peft_io import CONFIG_FILE, WEIGHTS_FILE
 from mint.catalog.records import RevisionRecord
 from mint.errors import Busy, InvalidAdapter, MintError
 from mint.models.base import ResidentBase
 from mint.serve.stats import ServeStats
-from mint.serve.tiers import HostCache, HostEntry, SlotBank, decode_revision, revision_label
+from mint.serve.tiers import (
+    HostCache,
+    HostEntry,
+    RevisionFiles,
+    SlotBank,
+    decode_revision,
+    revision_label,
+)
 
 log = logging.getLogger(__name__)
 
-#: Reads a revision's (adapter_model.safetensors, adapter_config.json) bytes from the catalog.
-RevisionReader = Callable[[RevisionRecord], tuple[bytes, bytes]]
+#: Reads (and hashes) a revision's adapter_model.safetensors and adapter_config.json.
+RevisionReader = Callable[[RevisionRecord], RevisionFiles]
 #: How often a load waiting for an idle slot checks whether the loader is stopping.
 SLOT_WAIT_POLL_S = 0.25
 
 
-def read_revision_files(revision: RevisionRecord) -> tuple[bytes, bytes]:
-    """The two PEFT files of a revision from its blob folder."""
+def read_revision_files(revision: RevisionRecord) -> RevisionFiles:
+    """The two PEFT files of a revision from its blob folder, hashed as they are read."""
     folder = Path(revision.blob_path)
     try:
-        return (folder / WEIGHTS_FILE).read_bytes(), (folder / CONFIG_FILE).read_bytes()
+        return RevisionFiles.read(folder)
     except FileNotFoundError as error:
         raise InvalidAdapter(
             [f"{Path(str(error.filename)).name} is missing in {folder}; re-export the revision"],
@@ -180,8 +186,7 @@ class ColdLoader:
         entry = self.host_cache.get(revision.sha256)
         if entry is not None:
             return entry, "host_cache"
-        weights, config = self._read(revision)
-        entry = decode_revision(self.base, revision, weights, config, self.bank.max_rank)
+        entry = decode_revision(self.base, revision, self._read(revision), self.bank.max_rank)
         self.host_cache.admit(entry)
         return entry, "catalog"
 
