@@ -253,6 +253,10 @@ F32_2x2 = {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]}
          "tensor 'k' starts at byte 0, expected 16"),
         (safetensors_bytes({"k": {**F32_2x2, "data_offsets": [8, 24]}}, bytes(24)),
          "tensor 'k' starts at byte 8, expected 0"),
+        (safetensors_bytes({"k": {**F32_2x2, "data_offsets": ["0", 16]}}, bytes(16)),
+         "tensor 'k' has data_offsets ['0', 16], not [begin, end]"),
+        (safetensors_bytes({"k": {**F32_2x2, "shape": "2x2"}}, bytes(16)),
+         "tensor 'k' has shape '2x2', not a list of sizes"),
         (safetensors_bytes({"k": F32_2x2}, bytes(12)),
          "the tensors cover 16 bytes but 12 follow the header; the file is truncated or has "
          "trailing bytes"),

@@ -453,14 +453,15 @@ def _burst(
     loads = int(worker.stats.snapshot()["cold_loads"]) - loads_before  # type: ignore[call-overload]
     report: dict[str, Any] = {"cold_adapters": sizes.burst, "rounds": sizes.burst_rounds,
                               "cold_loads": loads}  # fmt: skip
-    for phase, values in gaps.items():
-        report[f"warm_token_s_{phase}_p50"] = _percentile(values, 0.5)
-        report[f"warm_token_s_{phase}_p99"] = _percentile(values, 0.99)
+    for phase, values in gaps.items():  # None where a phase ended before a token did
+        report[f"warm_token_s_{phase}_p50"] = _percentile(values, 0.5) if values else None
+        report[f"warm_token_s_{phase}_p99"] = _percentile(values, 0.99) if values else None
         report[f"warm_tokens_{phase}"] = len(values)
     for phase in ("loading", "joining"):
         for q in ("p50", "p99"):
-            alone = report[f"warm_token_s_alone_{q}"]
-            report[f"warm_token_{q}_rise_{phase}"] = report[f"warm_token_s_{phase}_{q}"] / alone - 1
+            alone, during = report[f"warm_token_s_alone_{q}"], report[f"warm_token_s_{phase}_{q}"]
+            rise = None if alone is None or during is None else during / alone - 1
+            report[f"warm_token_{q}_rise_{phase}"] = rise
     report["batch_rows_joining_mean"] = statistics.mean(rows) if rows else 0.0
     report["cold_request_p50_s"] = _percentile(cold_seconds, 0.5)
     report["cold_request_p99_s"] = _percentile(cold_seconds, 0.99)

@@ -220,7 +220,11 @@ def _tensor_span(key: str, info: Any) -> tuple[torch.dtype, list[int], int, int]
         )
     if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
         raise ValueError(f"tensor {key!r} has shape {shape!r}, not a list of sizes")
-    if not (isinstance(offsets, list) and len(offsets) == 2):
+    if not (
+        isinstance(offsets, list)
+        and len(offsets) == 2
+        and all(isinstance(o, int) and o >= 0 for o in offsets)
+    ):
         raise ValueError(f"tensor {key!r} has data_offsets {offsets!r}, not [begin, end]")
     begin, end = offsets
     if end - begin != math.prod(shape) * dtype.itemsize:
