@@ -62,7 +62,7 @@ def read_revision_files(revision: RevisionRecord) -> RevisionFiles:
 
 
 class LoadPacer:
-    """Keeps the cold loader's work to a share of wall time while a batch decodes.
+    """Keeps the cold loader's work to a share of one core while a batch decodes.
 
     The loader wraps each read-decode-admit and each placement in `turn()`. While rows
     decode, a turn that used `c` seconds of the loader thread's CPU is followed by a rest of
@@ -197,8 +197,8 @@ class ColdLoader:
             self._run(load)
 
     def _run(self, load: _Load) -> None:
-        """1. Find the revision in the host cache, else read it from the catalog (reading and
-           hashing drop the GIL) and, in a pacer turn, decode and admit it.
+        """1. Find the revision in the host cache, else, in a pacer turn, read it from the
+           catalog (hashing as it reads), decode and admit it.
         2. Reserve a slot (waiting while every slot is in use); in a pacer turn, copy the
            tensors in.
         3. Open the slot with one reference per waiter, then resolve their future."""
