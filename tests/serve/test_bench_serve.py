@@ -29,6 +29,10 @@ def test_quick_bench_writes_every_figure(
     assert (zipf["adapters"], zipf["requests"]) == (sizes.zipf_adapters, sizes.zipf_requests)
     assert sum(zipf["hit_rate"].values()) == pytest.approx(1.0)
     assert zipf["p50_s"] <= zipf["p99_s"]
-    assert zipf["burst"]["cold_loads"] == sizes.burst
+    burst = zipf["burst"]
+    assert burst["cold_loads"] == 2 * sizes.burst * sizes.burst_rounds
+    for phase in ("alone", "loading", "joining"):
+        assert burst[f"warm_tokens_{phase}"] > 0
+        assert 0 < burst[f"warm_token_s_{phase}_p50"] <= burst[f"warm_token_s_{phase}_p99"]
     assert report["copies"]["adapter_tensors"] == 28
     assert "wrote" in capsys.readouterr().out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -13,12 +14,12 @@ from tests.serve.conftest import Revisions
 from mint.catalog.records import RevisionRecord
 from mint.control.futures import JobFuture, JsonResult, Result
 from mint.control.worker import BaseWorker, SampleJob
-from mint.errors import Busy, InvalidAdapter
+from mint.errors import Busy, InvalidAdapter, UserError
 from mint.models.base import ResidentBase
 from mint.serve import AdapterRef, Engine, SampleRequest, SampleResult, SamplingParams
 from mint.serve.config import EngineConfig
-from mint.serve.loader import read_revision_files
-from mint.serve.tiers import HostEntry
+from mint.serve.loader import LoadPacer, read_revision_files
+from mint.serve.tiers import HostEntry, RevisionFiles
 
 WAIT_S = 60
 
@@ -34,13 +35,13 @@ class Reader:
     def __post_init__(self) -> None:
         self.gate.set()
 
-    def __call__(self, revision: RevisionRecord) -> tuple[bytes, bytes]:
+    def __call__(self, revision: RevisionRecord) -> RevisionFiles:
         self.reads.append(revision.sha256)
         assert self.gate.wait(WAIT_S)
-        weights, config = read_revision_files(revision)
+        files = read_revision_files(revision)
         if revision.sha256 in self.damaged:
-            weights = weights[: len(weights) // 2]
-        return weights, config
+            return RevisionFiles.of(files.weights[: len(files.weights) // 2], files.config)
+        return files
 
 
 @pytest.fixture
@@ -221,3 +222,143 @@ def test_a_slot_in_use_is_never_reused_mid_batch(
     assert y_tokens == alone(tiny_base, y_entry, [40, 41, 42], 8)
     assert x_tokens[:8] != y_tokens  # the two adapters really decode differently
     assert worker.bank.snapshot() == [("pol-y@1", "ready", 0, False)]
+
+
+def foreign(revision: RevisionRecord) -> RevisionRecord:
+    return dataclasses.replace(revision, base_id="acme/Other-1B", base_fingerprint="0" * 64)
+
+
+def with_unknown_module(revisions: Revisions, policy: str) -> RevisionRecord:
+    good = revisions.export(f"{policy}-src", seed=11, rank=2)
+    tensors = revisions.catalog.read_revision_tensors(good)
+    tensors["model.layers.9.mlp.up_proj"] = tensors["model.layers.1.mlp.up_proj"]
+    return revisions.export_tensors(policy, tensors, rank=2)
+
+
+#: Each bad revision (made from the fixtures) and the problems admission names.
+BAD_REVISIONS: dict[str, tuple[Callable[[Revisions, Reader], RevisionRecord], str]] = {
+    "truncated": (
+        lambda revisions, reader: _damaged(revisions, reader),
+        "the files do not match the revision's sha256 {sha}...; the stored copy is damaged or "
+        "truncated; re-export the revision; adapter_model.safetensors is unreadable (the "
+        "tensors cover 16384 bytes but 6456 follow the header; the file is truncated or has "
+        "trailing bytes); re-export the revision",
+    ),
+    "wrong base": (
+        lambda revisions, _: foreign(revisions.export("pol-bad", seed=12, rank=2)),
+        "the base given is mint-test/tiny-llama ({fingerprint}) but revision pol-bad@1 is on "
+        "acme/Other-1B (000000000000); sample it on an engine of its own base, or retrain it "
+        "on this one",
+    ),
+    "rank above the slot limit": (
+        lambda revisions, _: revisions.export("pol-bad", seed=13, rank=8),
+        "rank 8 is above the slot bank's max rank 4; export at rank <= 4 or start the engine "
+        "with max_slot_rank >= 8",
+    ),
+    "module the base lacks": (
+        lambda revisions, _: with_unknown_module(revisions, "pol-bad"),
+        "module model.layers.9.mlp.up_proj is not an adaptable layer of mint-test/tiny-llama",
+    ),
+}
+
+
+def _damaged(revisions: Revisions, reader: Reader) -> RevisionRecord:
+    revision = revisions.export("pol-bad", seed=14, rank=2)
+    reader.damaged.add(revision.sha256)
+    return revision
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_REVISIONS))
+def test_each_bad_revision_is_refused_while_requests_in_flight_complete(
+    kind: str,
+    make_worker: WorkerFactory,
+    revisions: Revisions,
+    reader: Reader,
+    tiny_base: ResidentBase,
+) -> None:
+    make, problem = BAD_REVISIONS[kind]
+    worker = make_worker(num_slots=2, max_slot_rank=4)
+    good = revisions.export("pol-good", seed=2, rank=4)
+    bad = make(revisions, reader)
+    hold = threading.Event()
+    running = Job(good, [5, 6, 7], 20, hold=hold)
+    worker.submit_sample(running.job)
+    assert running.started.wait(WAIT_S)  # the good request is mid-batch
+    refused = Job(bad, [5, 6], 4)
+    worker.submit_sample(refused.job)
+    # The load is refused while the good request is still mid-batch...
+    assert refused.job.slot is not None
+    refusal = refused.job.slot.exception(timeout=WAIT_S)
+    assert not running.job.future.done
+    hold.set()
+    # ...and the refusal reaches the caller between decode steps, the good request runs on.
+    with pytest.raises(InvalidAdapter) as caught:
+        refused.job.future.inner.result(timeout=WAIT_S)
+    assert caught.value is refusal
+    label = f"{bad.policy_id}@{bad.number}"
+    expected = problem.format(sha=bad.sha256[:12], fingerprint=tiny_base.fingerprint[:12])
+    assert caught.value.code == "invalid_adapter"
+    count = 2 if kind == "truncated" else 1
+    assert caught.value.message == f"revision {label} rejected ({count} problem(s)): {expected}"
+    tokens = running.wait().sequences[0].tokens
+    assert tokens == alone(tiny_base, worker.host_cache.get(good.sha256), [5, 6, 7], 20)
+    assert worker.bank.snapshot() == [("pol-good@1", "ready", 0, False), None]
+    assert worker.stats.snapshot()["refusals"] == {"invalid_adapter": 1}
+
+
+def spin(cpu_seconds: float) -> float:
+    """Burn about `cpu_seconds` of this thread's CPU; return what was burnt."""
+    started = time.thread_time()
+    while time.thread_time() - started < cpu_seconds:
+        pass
+    return time.thread_time() - started
+
+
+def test_the_pacer_rests_the_loader_in_proportion_to_its_cpu_while_rows_decode() -> None:
+    pacer = LoadPacer(share=0.25)
+    with pacer.turn():  # nothing decodes: no rest afterwards counts
+        spin(0.02)
+    started = time.monotonic()
+    with pacer.turn():
+        assert time.monotonic() - started < 0.01
+    pacer.decoding(True)
+    with pacer.turn():
+        burnt = spin(0.03)
+    ended = time.monotonic()
+    with pacer.turn():
+        # A quarter share: 0.03 s of work earns at least 0.09 s of rest.
+        assert time.monotonic() - ended >= burnt * 3
+
+
+def test_the_pacer_lets_the_loader_run_once_decoding_stops() -> None:
+    pacer = LoadPacer(share=0.01)
+    pacer.decoding(True)
+    with pacer.turn():
+        spin(0.05)  # earns about 5 s of rest
+    entered = threading.Event()
+
+    def next_turn() -> None:
+        with pacer.turn():
+            entered.set()
+
+    thread = threading.Thread(target=next_turn)
+    thread.start()
+    assert not entered.wait(0.2)
+    pacer.decoding(False)
+    assert entered.wait(2)
+    thread.join()
+
+
+def test_the_pacer_share_must_be_a_fraction_of_the_time() -> None:
+    with pytest.raises(UserError) as caught:
+        LoadPacer(share=0)
+    assert caught.value.message == (
+        "cold-load share is 0; it must be in (0, 1]; give the loader a positive share of the "
+        "time, at most all of it"
+    )
+    with pytest.raises(UserError) as caught:
+        EngineConfig(cold_load_share_percent=101)
+    assert caught.value.message == (
+        "engine configuration refused: cold_load_share_percent is 101; it is a share of the "
+        "time; use at most 100"
+    )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,14 @@ from mint.catalog.records import RevisionRecord
 from mint.errors import InvalidAdapter, MintError, UserError
 from mint.models.base import ResidentBase
 from mint.serve import Engine, SampleRequest, SamplingParams
-from mint.serve.tiers import HostCache, HostEntry, SlotBank, decode_revision
+from mint.serve.tiers import (
+    HostCache,
+    HostEntry,
+    RevisionFiles,
+    SlotBank,
+    decode_revision,
+    view_safetensors,
+)
 
 GREEDY = SamplingParams(max_tokens=10, temperature=0.0, stop_tokens=[])
 
@@ -25,7 +33,7 @@ def files(revision: RevisionRecord) -> tuple[bytes, bytes]:
 
 
 def admitted(base: ResidentBase, revision: RevisionRecord, max_rank: int = 8) -> HostEntry:
-    return decode_revision(base, revision, *files(revision), max_rank=max_rank)
+    return decode_revision(base, revision, RevisionFiles.of(*files(revision)), max_rank=max_rank)
 
 
 def sized(sha: str, nbytes: int) -> HostEntry:
@@ -82,21 +90,22 @@ def test_admission_lists_every_problem_at_once(
     weights, config = files(revision)
     foreign = dataclasses.replace(revision, base_id="acme/Other-1B", base_fingerprint="0" * 64)
     with pytest.raises(InvalidAdapter) as caught:
-        decode_revision(tiny_base, foreign, weights[:-20], config, max_rank=2)
+        decode_revision(tiny_base, foreign, RevisionFiles.of(weights[:-20], config), max_rank=2)
     problems = caught.value.problems
-    assert problems[:4] == [
+    header = int.from_bytes(weights[:8], "little")
+    body = len(weights) - 8 - header
+    assert problems == [
         f"the files do not match the revision's sha256 {revision.sha256[:12]}...; the stored "
         "copy is damaged or truncated; re-export the revision",
-        "it was trained on base acme/Other-1B but this engine serves mint-test/tiny-llama; "
-        "sample it on its own base",
-        f"its base fingerprint 000000000000... differs from the resident base's "
-        f"{tiny_base.fingerprint[:12]}...; the base weights changed since training; retrain "
-        "or re-provision the original base",
+        f"the base given is mint-test/tiny-llama ({tiny_base.fingerprint[:12]}) but revision "
+        "pol-a@1 is on acme/Other-1B (000000000000); sample it on an engine of its own base, "
+        "or retrain it on this one",
         "rank 4 is above the slot bank's max rank 2; export at rank <= 2 or start the engine "
         "with max_slot_rank >= 4",
+        f"{WEIGHTS_FILE} is unreadable (the tensors cover {body} bytes but {body - 20} follow "
+        "the header; the file is truncated or has trailing bytes); re-export the revision",
     ]
-    assert len(problems) == 5 and problems[4].startswith(f"{WEIGHTS_FILE} is unreadable (")
-    assert caught.value.message.startswith("revision pol-a@1 rejected (5 problem(s)): ")
+    assert caught.value.message.startswith("revision pol-a@1 rejected (4 problem(s)): ")
 
 
 def test_admission_checks_modules_against_the_base(
@@ -195,3 +204,77 @@ def test_a_slot_holds_a_device_copy_that_serves_like_the_host_tensors(
         rtol=0,
         atol=1e-5,
     )
+
+
+def test_admission_reads_tensors_in_place_and_agrees_with_safetensors(
+    revisions: Revisions, tiny_base: ResidentBase
+) -> None:
+    from safetensors.torch import load as load_safetensors
+
+    from mint.serve.loader import read_revision_files
+
+    revision = revisions.export("pol-a", seed=1, rank=4)
+    read = read_revision_files(revision)
+    assert read == RevisionFiles.of(*files(revision))
+    assert read.sha256 == revision.sha256
+    views = view_safetensors(read.weights)
+    reference = load_safetensors(bytes(read.weights))
+    assert sorted(views) == sorted(reference)
+    for key, tensor in reference.items():
+        assert views[key].dtype == tensor.dtype and torch.equal(views[key], tensor)
+    # A float32 base takes the float32 file's tensors as they lie in the bytes read.
+    entry = decode_revision(tiny_base, revision, read, max_rank=8)
+    start = torch.frombuffer(read.weights, dtype=torch.uint8).data_ptr()
+    for a, b in entry.tensors.values():
+        for tensor in (a, b):
+            assert start <= tensor.data_ptr() < start + len(read.weights)
+
+
+def safetensors_bytes(header: dict[str, object], body: bytes) -> bytearray:
+    encoded = json.dumps(header).encode()
+    return bytearray(len(encoded).to_bytes(8, "little") + encoded + body)
+
+
+F32_2x2 = {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]}
+
+
+@pytest.mark.parametrize(
+    ("data", "problem"),
+    [
+        (bytearray(b"\x01\x00"), "it is 2 bytes, shorter than the 8-byte header length"),
+        (bytearray((999).to_bytes(8, "little") + b"{}"),
+         "its 999-byte header runs past the end of the 10 bytes"),
+        (safetensors_bytes({"k": {**F32_2x2, "dtype": "I64"}}, bytes(16)),
+         "tensor 'k' has dtype 'I64'; LoRA tensors must be one of ['BF16', 'F16', 'F32', "
+         "'F64']"),
+        (safetensors_bytes({"k": {**F32_2x2, "shape": [2, 3]}}, bytes(16)),
+         "tensor 'k' spans 16 bytes but shape [2, 3] of F32 needs 24"),
+        (safetensors_bytes({"k": F32_2x2, "j": F32_2x2}, bytes(16)),
+         "tensor 'k' starts at byte 0, expected 16"),
+        (safetensors_bytes({"k": {**F32_2x2, "data_offsets": [8, 24]}}, bytes(24)),
+         "tensor 'k' starts at byte 8, expected 0"),
+        (safetensors_bytes({"k": {**F32_2x2, "data_offsets": ["0", 16]}}, bytes(16)),
+         "tensor 'k' has data_offsets ['0', 16], not [begin, end]"),
+        (safetensors_bytes({"k": {**F32_2x2, "shape": "2x2"}}, bytes(16)),
+         "tensor 'k' has shape '2x2', not a list of sizes"),
+        (safetensors_bytes({"k": F32_2x2}, bytes(12)),
+         "the tensors cover 16 bytes but 12 follow the header; the file is truncated or has "
+         "trailing bytes"),
+    ],
+)  # fmt: skip
+def test_a_malformed_safetensors_file_is_named_precisely(data: bytearray, problem: str) -> None:
+    with pytest.raises(ValueError) as caught:
+        view_safetensors(data)
+    assert str(caught.value) == problem
+
+
+def test_misaligned_tensors_are_copied_out_exactly() -> None:
+    values = torch.arange(4, dtype=torch.float32)
+    header = {
+        "a": {"dtype": "F16", "shape": [1], "data_offsets": [0, 2]},
+        "b": {"dtype": "F32", "shape": [4], "data_offsets": [2, 18]},
+    }
+    body = torch.ones(1, dtype=torch.float16).numpy().tobytes() + values.numpy().tobytes()
+    data = safetensors_bytes(header, body)
+    views = view_safetensors(data)
+    assert torch.equal(views["b"], values) and views["a"].tolist() == [1.0]

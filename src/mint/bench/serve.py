@@ -7,7 +7,9 @@
 (d) host cache -> slot time vs a plain copy of the same bytes, and catalog -> host cache
     time vs a raw read of the same files;
 (e) Zipf traffic over many adapters with few slots and a small host cache: hit rates and
-    p50/p99 latency, and the warm per-token latency during a burst of cold adapters.
+    p50/p99 latency; then warm per-token latency alone, while a burst of cold revisions
+    loads (the cold loader's cost), and while a burst of cold requests loads and joins the
+    batch (adding the cost of a bigger batch), reported apart.
 
 Every figure is measured in this run; `--quick` runs all of it small on the tiny test base.
 """
@@ -15,6 +17,8 @@ Every figure is measured in this run; `--quick` runs all of it small on the tiny
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import gc
 import json
 import logging
 import random
@@ -29,6 +33,7 @@ from typing import Any
 
 import torch
 
+from mint.catalog.peft_io import CONFIG_FILE, WEIGHTS_FILE, adapter_digest
 from mint.catalog.records import RevisionRecord
 from mint.catalog.store import Catalog
 from mint.config import Settings
@@ -59,12 +64,13 @@ class Sizes:
     zipf_requests: int
     zipf_clients: int
     burst: int
-    warm_tokens: int
+    burst_rounds: int
+    warm_tokens_alone: int  # per-token gaps measured alone in each burst round
     batching_reps: int = 3  # (a): alternations of the distinct and one-adapter runs
 
 
-FULL = Sizes("smollm2-135m-instruct", 32, 12, 5, 1000, 8, 64, 400, 8, 64, 48)
-QUICK = Sizes("tiny-llama", 6, 4, 2, 30, 4, 8, 40, 4, 8, 12, batching_reps=1)
+FULL = Sizes("smollm2-135m-instruct", 32, 12, 5, 1000, 8, 64, 400, 8, 64, 3, 40)
+QUICK = Sizes("tiny-llama", 6, 4, 2, 30, 4, 8, 40, 4, 8, 1, 8, batching_reps=1)
 
 
 class Adapters:
@@ -116,14 +122,15 @@ class Client:
         return job.future, holder
 
     def run(self, revision: RevisionRecord | None, tokens: int) -> float:
-        """Seconds from submit to result of one request, retrying while busy."""
+        """Seconds from submit to result of one request, retrying after the hint while busy
+        (as the SDKs do with Retry-After)."""
         started = time.perf_counter()
         while True:
             try:
                 future, _ = self.submit(revision, tokens)
                 break
-            except Busy:
-                time.sleep(0.02)
+            except Busy as busy:
+                time.sleep(busy.retry_after_s)
         future.inner.result(timeout=600)
         return time.perf_counter() - started
 
@@ -256,7 +263,7 @@ def bench_copies(base: ResidentBase, adapters: Adapters, reps: int) -> dict[str,
 
     revision = adapters.make(rank=8)
     bank = SlotBank(base, num_slots=1, max_rank=8)
-    entry = decode_revision(base, revision, *read_revision_files(revision), max_rank=8)
+    entry = decode_revision(base, revision, read_revision_files(revision), max_rank=8)
     flat = torch.ones(entry.nbytes, dtype=torch.uint8)
     target = torch.empty(entry.nbytes, dtype=torch.uint8, device=base.device)
 
@@ -269,13 +276,18 @@ def bench_copies(base: ResidentBase, adapters: Adapters, reps: int) -> dict[str,
 
     target.copy_(flat)  # first touches (page faults, buffer allocation) stay out of the timing
     placed()
-    place, copy, admit, read = [], [], [], []
+    folder = Path(revision.blob_path)
+    place, copy, admit, read, hashed = [], [], [], [], []
     for _ in range(reps):
         started = time.perf_counter()
-        read_revision_files(revision)
+        raw = [(folder / name).read_bytes() for name in (WEIGHTS_FILE, CONFIG_FILE)]
         read.append(time.perf_counter() - started)
         started = time.perf_counter()
-        decode_revision(base, revision, *read_revision_files(revision), max_rank=8)
+        raw = [(folder / name).read_bytes() for name in (WEIGHTS_FILE, CONFIG_FILE)]
+        adapter_digest(*raw)
+        hashed.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        decode_revision(base, revision, read_revision_files(revision), max_rank=8)
         admit.append(time.perf_counter() - started)
         started = time.perf_counter()
         target.copy_(flat)
@@ -295,6 +307,10 @@ def bench_copies(base: ResidentBase, adapters: Adapters, reps: int) -> dict[str,
         "catalog_to_host_s": statistics.median(admit),
         "raw_read_s": statistics.median(read),
         "catalog_to_host_over_read": statistics.median(admit) / statistics.median(read),
+        # The integrity check reads every byte through sha256: the floor of a verified read.
+        "raw_read_and_sha256_s": statistics.median(hashed),
+        "catalog_to_host_over_read_and_sha256": statistics.median(admit)
+        / statistics.median(hashed),
     }
 
 
@@ -308,7 +324,7 @@ def bench_zipf(base: ResidentBase, adapters: Adapters, sizes: Sizes) -> dict[str
     started = time.perf_counter()
     pool = [adapters.make(rank=8, targets=("q_proj",)) for _ in range(sizes.zipf_adapters)]
     export_seconds = time.perf_counter() - started
-    entry_bytes = decode_revision(base, pool[0], *read_revision_files(pool[0]), 8).nbytes
+    entry_bytes = decode_revision(base, pool[0], read_revision_files(pool[0]), 8).nbytes
     worker = _worker(base, num_slots=sizes.zipf_slots, max_slot_rank=8,
                      host_cache_bytes=sizes.zipf_host_entries * entry_bytes,
                      max_batch_rows=64)  # fmt: skip
@@ -362,41 +378,119 @@ def _closed_loop(client: Client, order: list[RevisionRecord], clients: int) -> l
     return latencies
 
 
-def _token_gaps(client: Client, revision: RevisionRecord, tokens: int) -> list[float]:
-    stamps: list[float] = []
-    future, _ = client.submit(revision, tokens, lambda *_: stamps.append(time.perf_counter()))
-    future.inner.result(timeout=600)
-    return [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
+class WarmLoop:
+    """One client sampling a warm revision request after request, recording per-token gaps.
+
+    Gaps are taken inside each request only (the prefill before a request's first token is
+    not a per-token gap); each gap is stamped with its end time and the batch's row count."""
+
+    def __init__(self, worker: BaseWorker, client: Client, revision: RevisionRecord) -> None:
+        self.worker, self.client, self.revision = worker, client, revision
+        self.gaps: list[tuple[float, float, int]] = []  # (end time, seconds, batch rows)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="warm-loop")
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            stamps: list[tuple[float, int]] = []
+            future, _ = self.client.submit(self.revision, WARM_TOKENS, self._stamper(stamps))
+            future.inner.result(timeout=600)
+            for (a, _), (b, rows) in zip(stamps, stamps[1:], strict=False):
+                self.gaps.append((b, b - a, rows))
+
+    def _stamper(self, stamps: list[tuple[float, int]]) -> Callable[[int, int, float], None]:
+        def stamp(*_: object) -> None:
+            stamps.append((time.perf_counter(), self.worker.running_rows()))
+
+        return stamp
+
+    def __enter__(self) -> WarmLoop:
+        self._thread.start()
+        time.sleep(0.3)  # let the first request reach its decode steps
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def inside(self, start: float, end: float) -> list[float]:
+        """Gaps that lie wholly within [start, end]."""
+        return [gap for stamp, gap, _ in self.gaps if start <= stamp - gap and stamp <= end]
+
+    def overlapping(self, start: float, end: float) -> list[float]:
+        """Gaps that overlap [start, end] at all."""
+        return [gap for stamp, gap, _ in self.gaps if stamp - gap < end and stamp > start]
+
+
+#: Tokens per warm request in the burst measurement.
+WARM_TOKENS = 16
+
+
+def _load_only(worker: BaseWorker, cold: list[RevisionRecord]) -> None:
+    """Load `cold` through the cold loader as cold sample requests would, without joining
+    the batch: each slot reference is given back as soon as its load ends."""
+    pending: set[concurrent.futures.Future[int]] = set()
+    for revision in cold:
+        while True:
+            try:
+                future = worker.loader.request(revision)
+                break
+            except Busy:  # wait for a place in the cold-load queue
+                done, pending = concurrent.futures.wait(pending, return_when="FIRST_COMPLETED")
+        future.add_done_callback(lambda done: worker.bank.release(done.result()))
+        pending.add(future)
+    for future in pending:
+        future.result(timeout=600)
 
 
 def _burst(
     worker: BaseWorker, client: Client, warm: RevisionRecord, adapters: Adapters, sizes: Sizes
 ) -> dict[str, Any]:
-    """Per-token latency of a warm request alone, then while `burst` cold adapters load."""
-    cold = [adapters.make(rank=8, targets=("q_proj",)) for _ in range(sizes.burst)]
+    """Warm per-token latency alone, while `burst` cold revisions load, and while `burst`
+    cold requests load and then join the batch; alternated `burst_rounds` times so that a
+    change in the machine's background load hits every condition alike."""
     client.run(warm, 1)
-    alone = _token_gaps(client, warm, sizes.warm_tokens)
-    loads_before = worker.stats.snapshot()["cold_loads"]
-    gaps: list[float] = []
-    warm_thread = threading.Thread(
-        target=lambda: gaps.extend(_token_gaps(client, warm, sizes.warm_tokens))
-    )
-    warm_thread.start()
-    time.sleep(0.05)
-    burst_latency = _closed_loop(client, cold, clients=len(cold))
-    warm_thread.join()
-    loads = int(worker.stats.snapshot()["cold_loads"]) - int(loads_before)  # type: ignore[call-overload]
-    return {
-        "cold_adapters": len(cold),
-        "cold_loads": loads,
-        "warm_token_s_alone_p50": _percentile(alone, 0.5),
-        "warm_token_s_during_burst_p50": _percentile(gaps, 0.5),
-        "warm_token_s_during_burst_p99": _percentile(gaps, 0.99),
-        "warm_token_slowdown_p50": _percentile(gaps, 0.5) / _percentile(alone, 0.5),
-        "cold_request_p50_s": _percentile(burst_latency, 0.5),
-        "cold_request_p99_s": _percentile(burst_latency, 0.99),
-        "refusals": worker.stats.snapshot()["refusals"],
-    }
+    # The warm revision is pinned (as a `prod` alias would be): between two warm requests
+    # its slot is idle, and the burst must not evict it.
+    worker.bank.set_pinned(warm.sha256, True)
+    loads_before = int(worker.stats.snapshot()["cold_loads"])  # type: ignore[call-overload]
+    gaps: dict[str, list[float]] = {"alone": [], "loading": [], "joining": []}
+    cold_seconds: list[float] = []
+    rows: list[int] = []
+    for _ in range(sizes.burst_rounds):
+        loading = [adapters.make(rank=8, targets=("q_proj",)) for _ in range(sizes.burst)]
+        joining = [adapters.make(rank=8, targets=("q_proj",)) for _ in range(sizes.burst)]
+        with WarmLoop(worker, client, warm) as loop:
+            started = time.perf_counter()
+            while len(loop.inside(started, time.perf_counter())) < sizes.warm_tokens_alone:
+                time.sleep(0.05)
+            middle = time.perf_counter()
+            _load_only(worker, loading)
+            loaded = time.perf_counter()
+            cold_seconds += _closed_loop(client, joining, clients=len(joining))
+            joined = time.perf_counter()
+        gaps["alone"] += loop.inside(started, middle)
+        gaps["loading"] += loop.overlapping(middle, loaded)
+        gaps["joining"] += loop.overlapping(loaded, joined)
+        rows += [n for stamp, _, n in loop.gaps if loaded < stamp <= joined]
+    loads = int(worker.stats.snapshot()["cold_loads"]) - loads_before  # type: ignore[call-overload]
+    report: dict[str, Any] = {"cold_adapters": sizes.burst, "rounds": sizes.burst_rounds,
+                              "cold_loads": loads}  # fmt: skip
+    for phase, values in gaps.items():  # None where a phase ended before a token did
+        report[f"warm_token_s_{phase}_p50"] = _percentile(values, 0.5) if values else None
+        report[f"warm_token_s_{phase}_p99"] = _percentile(values, 0.99) if values else None
+        report[f"warm_tokens_{phase}"] = len(values)
+    for phase in ("loading", "joining"):
+        for q in ("p50", "p99"):
+            alone, during = report[f"warm_token_s_alone_{q}"], report[f"warm_token_s_{phase}_{q}"]
+            rise = None if alone is None or during is None else during / alone - 1
+            report[f"warm_token_{q}_rise_{phase}"] = rise
+    report["batch_rows_joining_mean"] = statistics.mean(rows) if rows else 0.0
+    report["cold_request_p50_s"] = _percentile(cold_seconds, 0.5)
+    report["cold_request_p99_s"] = _percentile(cold_seconds, 0.99)
+    report["refusals"] = worker.stats.snapshot()["refusals"]
+    worker.bank.set_pinned(warm.sha256, False)
+    return report
 
 
 def _print(report: dict[str, Any]) -> None:
@@ -421,22 +515,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("runs/bench-serve.json"))
     parser.add_argument("--quick", action="store_true", help="tiny base, small sizes")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument("--parts", default="abcde", help="parts to run, e.g. 'de'")
     args = parser.parse_args(argv)
     sizes = QUICK if args.quick else FULL
     torch.set_num_threads(args.threads)
     settings = Settings()
     bases_dir = args.bases_dir or settings.bases_dir
     base = load_base(sizes.base, bases_dir, settings.device, settings.dtype)
+    gc.freeze()  # as `mint serve` does once a base is loaded
     with tempfile.TemporaryDirectory(prefix="mint-bench-serve-") as scratch:
         adapters = Adapters(base, Path(scratch))
         report: dict[str, Any] = {"base": base.base_id, "device": str(base.device),
                                   "threads": args.threads}  # fmt: skip
-        batching = bench_batching(base, adapters, sizes)
-        report["peft"] = bench_peft(base, batching, sizes)
-        report["batching"] = {k: v for k, v in batching.items() if not k.startswith("_")}
-        report["tiers"] = bench_tiers(base, adapters, sizes)
-        report["copies"] = bench_copies(base, adapters, reps=5)
-        report["zipf"] = bench_zipf(base, adapters, sizes)
+        if "a" in args.parts or "b" in args.parts:
+            batching = bench_batching(base, adapters, sizes)
+            if "b" in args.parts:
+                report["peft"] = bench_peft(base, batching, sizes)
+            report["batching"] = {k: v for k, v in batching.items() if not k.startswith("_")}
+        if "c" in args.parts:
+            report["tiers"] = bench_tiers(base, adapters, sizes)
+        if "d" in args.parts:
+            report["copies"] = bench_copies(base, adapters, reps=15)
+        if "e" in args.parts:
+            report["zipf"] = bench_zipf(base, adapters, sizes)
         adapters.catalog.close()
     _print(report)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -120,14 +120,28 @@ def validate_adapter(
     return ValidatedAdapter(tensors, extra, manifest_extra)
 
 
-def _base_problems(base: AdaptableBase, policy: PolicyRecord) -> list[str]:
-    if (base.base_id, base.fingerprint) == (policy.base_id, policy.base_fingerprint):
+def base_mismatch(
+    base: AdaptableBase, base_id: str, fingerprint: str, owner: str, remedy: str
+) -> list[str]:
+    """The one rule for whether `owner` (a policy, a revision) belongs on `base`: the base id
+    and the base fingerprint must both match. Empty when they do, else one problem naming
+    both sides and `remedy`."""
+    if (base.base_id, base.fingerprint) == (base_id, fingerprint):
         return []
     return [
-        f"the base given is {base.base_id} ({base.fingerprint[:12]}) but policy "
-        f"{policy.policy_id!r} is on {policy.base_id} ({policy.base_fingerprint[:12]}); "
-        "pass the policy's own resident base"
+        f"the base given is {base.base_id} ({base.fingerprint[:12]}) but {owner} is on "
+        f"{base_id} ({fingerprint[:12]}); {remedy}"
     ]
+
+
+def _base_problems(base: AdaptableBase, policy: PolicyRecord) -> list[str]:
+    return base_mismatch(
+        base,
+        policy.base_id,
+        policy.base_fingerprint,
+        owner=f"policy {policy.policy_id!r}",
+        remedy="pass the policy's own resident base",
+    )
 
 
 def _read_config(folder: Path, problems: list[str]) -> dict[str, Any]:

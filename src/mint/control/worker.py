@@ -6,8 +6,9 @@ client's jobs); small forward_backward jobs of different policies that wait at t
 share one multi-LoRA pass (see `_take_train_locked`). Sample jobs join one running batch
 between decode steps and leave it when their last sample stops (continuous batching). A sample
 job whose revision is in no slot waits in the queue while the cold loader fetches it on its own
-thread; warm jobs keep decoding meanwhile. The loop gives a waiting training job the base after
-every `decode_steps_per_turn` decode steps, so neither side starves.
+thread; warm jobs keep decoding meanwhile, and the loader's own Python work is paced to a share
+of the time. The loop gives a waiting training job the base after every
+`decode_steps_per_turn` decode steps, so neither side starves.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from mint.errors import Busy, MintError
 from mint.models.base import ResidentBase
 from mint.serve.config import EngineConfig
 from mint.serve.engine import DecodeBatch, Engine, Tick
-from mint.serve.loader import ColdLoader, RevisionReader, read_revision_files
+from mint.serve.loader import ColdLoader, LoadPacer, RevisionReader, read_revision_files
 from mint.serve.stats import ServeStats
 from mint.serve.tiers import HostCache, SlotBank
 from mint.serve.types import SampleRequest, SampleResult
@@ -121,8 +122,9 @@ class BaseWorker:
         self.host_cache = HostCache(config.host_cache_bytes)
         self.bank = SlotBank(base, config.num_slots, config.max_slot_rank)
         self.loader = ColdLoader(
-            base, self.host_cache, self.bank, self.stats, config.max_cold_loads, read
-        )
+            base, self.host_cache, self.bank, self.stats, config.max_cold_loads, read,
+            LoadPacer(config.cold_load_share_percent / 100),
+        )  # fmt: skip
         self._batch: DecodeBatch = self.engine.batch()
         self._in_batch: dict[int, SampleJob] = {}
         self._train_jobs: deque[TrainJob] = deque()
@@ -202,7 +204,9 @@ class BaseWorker:
                 steps_in_turn = 0
                 continue
             self._join(joining)
+            self.loader.pacer.decoding(True)
             self._tick()
+            self.loader.pacer.decoding(self._batch.load > 0)
             steps_in_turn += 1
 
     def _take_ready_locked(self) -> list[SampleJob]:

@@ -34,6 +34,12 @@ class EngineConfig:
     )
     #: Revisions loading or waiting to load at most; past it a cold request gets `Busy`.
     max_cold_loads: int = field(default=32, metadata={"env": "MINT_MAX_COLD_LOADS", "min": 1})
+    #: Percent of wall time the cold loader may spend decoding and placing revisions while a
+    #: batch decodes; that Python work shares the GIL with the decode loop, so pacing it
+    #: keeps warm per-token latency flat during a burst of cold requests.
+    cold_load_share_percent: int = field(
+        default=5, metadata={"env": "MINT_COLD_LOAD_SHARE_PERCENT", "min": 1}
+    )
     #: Sample requests queued at most (beyond the running batch).
     max_queued_samples: int = field(
         default=4096, metadata={"env": "MINT_MAX_QUEUED_SAMPLES", "min": 1}
@@ -55,6 +61,11 @@ class EngineConfig:
             problems.append(
                 f"max_slot_rank is {self.max_slot_rank}; policies have rank <= {MAX_RANK}, so "
                 f"a larger slot only wastes memory; use at most {MAX_RANK}"
+            )
+        if self.cold_load_share_percent > 100:
+            problems.append(
+                f"cold_load_share_percent is {self.cold_load_share_percent}; it is a share of "
+                "the time; use at most 100"
             )
         if problems:
             raise UserError("engine configuration refused: " + "; ".join(problems))

@@ -8,44 +8,100 @@ new cold request is refused with a retryable `Busy` instead of waiting without e
 
 When a load completes, every request that waited on it already holds a reference on the
 slot, so no other load can evict the slot before those requests run.
+
+Cold work shares the process (its GIL) and the machine's cores with the decode loop.
+Reading and hashing drop the GIL but still take a core; decoding, validating and placing a
+revision are Python work that interleaves with a decode step and stretches it. So while a
+batch decodes, a `LoadPacer` holds the loader's work to a share of the time
+(`cold_load_share_percent`); with nothing decoding, loads run back to back.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mint.catalog.peft_io import CONFIG_FILE, WEIGHTS_FILE
 from mint.catalog.records import RevisionRecord
-from mint.errors import Busy, InvalidAdapter, MintError
+from mint.errors import Busy, InvalidAdapter, MintError, UserError
 from mint.models.base import ResidentBase
 from mint.serve.stats import ServeStats
-from mint.serve.tiers import HostCache, HostEntry, SlotBank, decode_revision, revision_label
+from mint.serve.tiers import (
+    HostCache,
+    HostEntry,
+    RevisionFiles,
+    SlotBank,
+    decode_revision,
+    revision_label,
+)
 
 log = logging.getLogger(__name__)
 
-#: Reads a revision's (adapter_model.safetensors, adapter_config.json) bytes from the catalog.
-RevisionReader = Callable[[RevisionRecord], tuple[bytes, bytes]]
+#: Reads (and hashes) a revision's adapter_model.safetensors and adapter_config.json.
+RevisionReader = Callable[[RevisionRecord], RevisionFiles]
 #: How often a load waiting for an idle slot checks whether the loader is stopping.
 SLOT_WAIT_POLL_S = 0.25
 
 
-def read_revision_files(revision: RevisionRecord) -> tuple[bytes, bytes]:
-    """The two PEFT files of a revision from its blob folder."""
+def read_revision_files(revision: RevisionRecord) -> RevisionFiles:
+    """The two PEFT files of a revision from its blob folder, hashed as they are read."""
     folder = Path(revision.blob_path)
     try:
-        return (folder / WEIGHTS_FILE).read_bytes(), (folder / CONFIG_FILE).read_bytes()
+        return RevisionFiles.read(folder)
     except FileNotFoundError as error:
         raise InvalidAdapter(
             [f"{Path(str(error.filename)).name} is missing in {folder}; re-export the revision"],
             subject=f"revision {revision_label(revision)}",
         ) from None
+
+
+class LoadPacer:
+    """Keeps the cold loader's work to a share of one core while a batch decodes.
+
+    The loader wraps each read-decode-admit and each placement in `turn()`. While rows
+    decode, a turn that used `c` seconds of the loader thread's CPU is followed by a rest of
+    `c * (1 - share) / share`, so the loader uses at most `share` of one core over any
+    stretch of time and a decode step of length T meets about `share * T` of cold work at
+    most. CPU time, not wall time, is what competes with decoding: a read waiting on the
+    disk, or the loader waiting for the GIL, costs the decode loop nothing and earns no
+    rest. With nothing decoding, turns run back to back. The decode loop reports whether
+    rows decode through `decoding`.
+    """
+
+    def __init__(self, share: float) -> None:
+        if not 0 < share <= 1:
+            raise UserError(
+                f"cold-load share is {share}; it must be in (0, 1]; give the loader a "
+                "positive share of the time, at most all of it"
+            )
+        self.share = share
+        self._decoding = False
+        self._rest_until = 0.0
+        self._cond = threading.Condition()
+
+    def decoding(self, active: bool) -> None:
+        with self._cond:
+            self._decoding = active
+            self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def turn(self) -> Iterator[None]:
+        with self._cond:
+            while self._decoding and (rest := self._rest_until - time.monotonic()) > 0:
+                self._cond.wait(timeout=rest)
+        started = time.thread_time()
+        try:
+            yield
+        finally:
+            took = time.thread_time() - started
+            with self._cond:
+                self._rest_until = time.monotonic() + took * (1 - self.share) / self.share
 
 
 @dataclass
@@ -67,6 +123,7 @@ class ColdLoader:
         stats: ServeStats,
         max_cold_loads: int,
         read: RevisionReader = read_revision_files,
+        pacer: LoadPacer | None = None,
     ) -> None:
         self.base = base
         self.host_cache = host_cache
@@ -74,6 +131,7 @@ class ColdLoader:
         self.stats = stats
         self.max_cold_loads = max_cold_loads
         self._read = read
+        self.pacer = pacer or LoadPacer(share=1.0)
         self._loads: dict[str, _Load] = {}
         self._queue: deque[_Load] = deque()
         self._lock = threading.Condition()
@@ -139,8 +197,10 @@ class ColdLoader:
             self._run(load)
 
     def _run(self, load: _Load) -> None:
-        """1. Find the revision in the host cache, else read and admit it from the catalog.
-        2. Reserve a slot (waiting while every slot is in use), copy the tensors in.
+        """1. Find the revision in the host cache, else, in a pacer turn, read it from the
+           catalog (hashing as it reads), decode and admit it.
+        2. Reserve a slot (waiting while every slot is in use); in a pacer turn, copy the
+           tensors in.
         3. Open the slot with one reference per waiter, then resolve their future."""
         revision = load.revision
         started = time.monotonic()
@@ -153,7 +213,8 @@ class ColdLoader:
                     f"{revision_label(revision)} was placed; retry on a running server"
                 )
             try:
-                self.bank.fill(index, entry)
+                with self.pacer.turn():
+                    self.bank.fill(index, entry)
             except BaseException:
                 self.bank.abandon(index)
                 raise
@@ -180,9 +241,10 @@ class ColdLoader:
         entry = self.host_cache.get(revision.sha256)
         if entry is not None:
             return entry, "host_cache"
-        weights, config = self._read(revision)
-        entry = decode_revision(self.base, revision, weights, config, self.bank.max_rank)
-        self.host_cache.admit(entry)
+        with self.pacer.turn():
+            files = self._read(revision)
+            entry = decode_revision(self.base, revision, files, self.bank.max_rank)
+            self.host_cache.admit(entry)
         return entry, "catalog"
 
     def _reserve(self, revision: RevisionRecord) -> int | None:

@@ -1,9 +1,10 @@
 """The engine's two inner adapter tiers: the host cache and the slot bank.
 
 A revision travels catalog -> host cache -> slot. It is *admitted* to the host cache once:
-its files are checked against its sha256, decoded, and validated against the resident base
-(fingerprint, rank, targets, shapes); every problem is reported in one `InvalidAdapter`. A
-host-cached revision is *placed* in a slot by copying its tensors into that slot's position
+its files are checked against its sha256 (hashed while they are read, in one pass), decoded
+without copying (tensors are views into the bytes read), and validated against the resident
+base (fingerprint, rank, targets, shapes); every problem is reported in one `InvalidAdapter`.
+A host-cached revision is *placed* in a slot by copying its tensors into that slot's position
 of a preallocated device stack (one per rank class); a batch reads the slot where it lies,
 which is why a slot in use by a running batch must never be overwritten (reference counts
 guard it).
@@ -15,18 +16,22 @@ byte budget, the slot table a list indexed by slot with None for a free slot.
 from __future__ import annotations
 
 import enum
+import hashlib
+import json
 import logging
+import math
+import os
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as load_safetensors
 
-from mint.catalog.peft_io import CONFIG_FILE, WEIGHTS_FILE, adapter_digest, split_tensors
+from mint.catalog.peft_io import CONFIG_FILE, WEIGHTS_FILE, split_tensors
 from mint.catalog.records import RevisionRecord
+from mint.catalog.validate import base_mismatch
 from mint.errors import InvalidAdapter, MintError, UserError
 from mint.models.base import ResidentBase
 from mint.models.lora import AdapterTensors, SlotPlacement, SlotStack, rank_class
@@ -34,9 +39,65 @@ from mint.serve.types import AdapterRef
 
 log = logging.getLogger(__name__)
 
+#: Bytes read per call when a revision's files are read and hashed in one pass; small
+#: enough that sha256 reads each chunk from the CPU cache the read just filled.
+READ_CHUNK = 1 << 20
+#: safetensors dtype names (the format's header spelling) mint can serve LoRA tensors in.
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+}
+
 
 def revision_label(revision: RevisionRecord) -> str:
     return f"{revision.policy_id}@{revision.number}"
+
+
+@dataclass(frozen=True)
+class RevisionFiles:
+    """A revision's two PEFT files as read, with the sha256 of exactly these bytes.
+
+    Build it with `read` (one pass: each chunk is hashed as it arrives) or `of` (hashes
+    bytes already in memory), never by hand, so `sha256` always describes `weights` and
+    `config`.
+    """
+
+    weights: bytearray
+    config: bytes
+    sha256: str
+
+    @classmethod
+    def of(cls, weights: bytes | bytearray, config: bytes) -> RevisionFiles:
+        digest = hashlib.sha256(weights)
+        digest.update(config)
+        return cls(bytearray(weights), bytes(config), digest.hexdigest())
+
+    @classmethod
+    def read(cls, folder: Path) -> RevisionFiles:
+        """Read and hash the files in `folder`; raises FileNotFoundError for a missing one."""
+        digest = hashlib.sha256()
+        with open(folder / WEIGHTS_FILE, "rb", buffering=0) as file:
+            weights = bytearray(_file_size(file))
+            view = memoryview(weights)
+            done = 0
+            while done < len(weights):
+                got = file.readinto(view[done : done + READ_CHUNK])
+                if not got:  # the file shrank while it was read: keep what is there
+                    break
+                # hashlib drops the GIL for large updates, so decoding threads keep running.
+                digest.update(view[done : done + got])
+                done += got
+            view.release()
+        del weights[done:]
+        config = (folder / CONFIG_FILE).read_bytes()
+        digest.update(config)
+        return cls(weights, config, digest.hexdigest())
+
+
+def _file_size(file: Any) -> int:
+    return os.fstat(file.fileno()).st_size
 
 
 @dataclass(frozen=True)
@@ -55,8 +116,6 @@ class HostEntry:
 
 
 def _config_problems(config_bytes: bytes, revision: RevisionRecord) -> list[str]:
-    import json
-
     try:
         config = json.loads(config_bytes)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
@@ -81,31 +140,27 @@ def _config_problems(config_bytes: bytes, revision: RevisionRecord) -> list[str]
 
 
 def _record_problems(
-    base: ResidentBase, revision: RevisionRecord, max_rank: int, weights: bytes, config: bytes
+    base: ResidentBase, revision: RevisionRecord, max_rank: int, files: RevisionFiles
 ) -> list[str]:
     problems = []
-    if adapter_digest(weights, config) != revision.sha256:
+    if files.sha256 != revision.sha256:
         problems.append(
             f"the files do not match the revision's sha256 {revision.sha256[:12]}...; the "
             "stored copy is damaged or truncated; re-export the revision"
         )
-    if revision.base_id != base.base_id:
-        problems.append(
-            f"it was trained on base {revision.base_id} but this engine serves "
-            f"{base.base_id}; sample it on its own base"
-        )
-    if revision.base_fingerprint != base.fingerprint:
-        problems.append(
-            f"its base fingerprint {revision.base_fingerprint[:12]}... differs from the "
-            f"resident base's {base.fingerprint[:12]}...; the base weights changed since "
-            "training; retrain or re-provision the original base"
-        )
+    problems += base_mismatch(
+        base,
+        revision.base_id,
+        revision.base_fingerprint,
+        owner=f"revision {revision_label(revision)}",
+        remedy="sample it on an engine of its own base, or retrain it on this one",
+    )
     if revision.rank > max_rank:
         problems.append(
             f"rank {revision.rank} is above the slot bank's max rank {max_rank}; export at "
             f"rank <= {max_rank} or start the engine with max_slot_rank >= {revision.rank}"
         )
-    return problems + _config_problems(config, revision)
+    return problems + _config_problems(files.config, revision)
 
 
 def _module_problems(
@@ -134,23 +189,116 @@ def _module_problems(
     return problems
 
 
+def _header(data: bytearray) -> tuple[dict[str, Any], int]:
+    """The safetensors header of `data` and the offset its tensor bytes start at.
+
+    Raises ValueError naming what is wrong with the framing."""
+    if len(data) < 8:
+        raise ValueError(f"it is {len(data)} bytes, shorter than the 8-byte header length")
+    size = int.from_bytes(data[:8], "little")
+    if 8 + size > len(data):
+        raise ValueError(f"its {size}-byte header runs past the end of the {len(data)} bytes")
+    try:
+        header = json.loads(bytes(data[8 : 8 + size]))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"its header is not JSON ({error})") from None
+    if not isinstance(header, dict):
+        raise ValueError("its header is not a JSON object")
+    header.pop("__metadata__", None)
+    return header, 8 + size
+
+
+def _tensor_span(key: str, info: Any) -> tuple[torch.dtype, list[int], int, int]:
+    """(dtype, shape, begin, end) of one header entry; ValueError when it is malformed."""
+    if not isinstance(info, dict):
+        raise ValueError(f"entry {key!r} is not an object")
+    dtype = SAFETENSORS_DTYPES.get(info.get("dtype"))  # type: ignore[arg-type]
+    shape, offsets = info.get("shape"), info.get("data_offsets")
+    if dtype is None:
+        raise ValueError(
+            f"tensor {key!r} has dtype {info.get('dtype')!r}; LoRA tensors must be one of "
+            f"{sorted(SAFETENSORS_DTYPES)}"
+        )
+    if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+        raise ValueError(f"tensor {key!r} has shape {shape!r}, not a list of sizes")
+    if not (
+        isinstance(offsets, list)
+        and len(offsets) == 2
+        and all(isinstance(o, int) and o >= 0 for o in offsets)
+    ):
+        raise ValueError(f"tensor {key!r} has data_offsets {offsets!r}, not [begin, end]")
+    begin, end = offsets
+    if end - begin != math.prod(shape) * dtype.itemsize:
+        raise ValueError(
+            f"tensor {key!r} spans {end - begin} bytes but shape {shape} of {info['dtype']} "
+            f"needs {math.prod(shape) * dtype.itemsize}"
+        )
+    return dtype, shape, begin, end
+
+
+def view_safetensors(data: bytearray) -> dict[str, torch.Tensor]:
+    """Tensors of a safetensors file as views into `data` (no copy), checked from the header.
+
+    The checks are the format's own: a header that fits, known dtypes, byte spans that match
+    each shape and tile the data exactly (no gap, no overlap, nothing past the end). Raises
+    ValueError naming the first violation.
+    """
+    header, start = _header(data)
+    spans = sorted(
+        ((*_tensor_span(key, info), key) for key, info in header.items()),
+        key=lambda span: (span[2], span[3], span[4]),
+    )
+    expected = 0
+    for _, _, begin, end, key in spans:
+        if begin != expected:
+            raise ValueError(f"tensor {key!r} starts at byte {begin}, expected {expected}")
+        expected = end
+    if start + expected != len(data):
+        raise ValueError(
+            f"the tensors cover {expected} bytes but {len(data) - start} follow the header; "
+            "the file is truncated or has trailing bytes"
+        )
+    tensors: dict[str, torch.Tensor] = {}
+    whole: dict[torch.dtype, torch.Tensor] = {}  # the buffer read as each dtype, once
+    for dtype, shape, begin, _, key in spans:
+        offset, size = start + begin, dtype.itemsize
+        if math.prod(shape) == 0:
+            tensors[key] = torch.empty(shape, dtype=dtype)
+        elif offset % size:  # the format does not promise alignment: copy this one
+            raw = data[offset : offset + math.prod(shape) * size]
+            tensors[key] = torch.frombuffer(raw, dtype=dtype).view(shape)
+        else:
+            if dtype not in whole:
+                whole[dtype] = torch.frombuffer(data, dtype=dtype, count=len(data) // size)
+            strides = [math.prod(shape[i + 1 :]) for i in range(len(shape))]
+            tensors[key] = whole[dtype].as_strided(shape, strides, offset // size)
+    return tensors
+
+
+def _host_tensor(tensor: torch.Tensor, dtype: torch.dtype, pin: bool) -> torch.Tensor:
+    """`tensor` in `dtype`, copied only when the dtype differs or pinned memory is wanted."""
+    if not pin:
+        return tensor if tensor.dtype == dtype else tensor.to(dtype)
+    # Pinned host memory makes the slot copy asynchronous; convert straight into it.
+    pinned = torch.empty(tensor.shape, dtype=dtype, pin_memory=True)
+    return pinned.copy_(tensor)
+
+
 def decode_revision(
-    base: ResidentBase,
-    revision: RevisionRecord,
-    weights: bytes,
-    config: bytes,
-    max_rank: int,
+    base: ResidentBase, revision: RevisionRecord, files: RevisionFiles, max_rank: int
 ) -> HostEntry:
     """Decode and validate a revision's two PEFT files against `base`, once.
 
-    Raises one `InvalidAdapter` listing every problem found.
+    The tensors stay views into `files.weights` when they already have the base's dtype (on
+    a CPU engine), so admission copies nothing. Raises one `InvalidAdapter` listing every
+    problem found.
     """
-    problems = _record_problems(base, revision, max_rank, weights, config)
+    problems = _record_problems(base, revision, max_rank, files)
     tensors: AdapterTensors = {}
     try:
-        flat = load_safetensors(weights)
+        flat = view_safetensors(files.weights)
         tensors = split_tensors(flat, revision.rank, Path(revision.blob_path))
-    except SafetensorError as error:
+    except ValueError as error:
         problems.append(f"{WEIGHTS_FILE} is unreadable ({error}); re-export the revision")
     except InvalidAdapter as error:
         problems.extend(error.problems)
@@ -158,19 +306,18 @@ def decode_revision(
         problems.extend(_module_problems(base, revision, tensors))
     if problems:
         raise InvalidAdapter(problems, subject=f"revision {revision_label(revision)}")
-    pin = base.device.type == "cuda"  # pinned host memory makes the slot copy asynchronous
-    host: AdapterTensors = {}
-    for path, (a, b) in tensors.items():
-        pair = tuple(t.to(dtype=base.dtype).contiguous() for t in (a, b))
-        host[path] = (pair[0].pin_memory(), pair[1].pin_memory()) if pin else (pair[0], pair[1])
-    nbytes = sum(a.nbytes + b.nbytes for a, b in host.values())
+    pin = base.device.type == "cuda"
+    host: AdapterTensors = {
+        path: (_host_tensor(a, base.dtype, pin), _host_tensor(b, base.dtype, pin))
+        for path, (a, b) in tensors.items()
+    }
     return HostEntry(
         sha256=revision.sha256,
         label=revision_label(revision),
         rank=revision.rank,
         scale=revision.alpha / revision.rank,
         tensors=host,
-        nbytes=nbytes,
+        nbytes=sum(a.nbytes + b.nbytes for a, b in host.values()),
     )
 
 
