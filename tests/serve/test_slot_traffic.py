@@ -149,7 +149,15 @@ class MixSpy:
 
 
 def traffic_worker(base: ResidentBase) -> BaseWorker:
-    config = EngineConfig(num_slots=6, max_batch_rows=8, max_slot_rank=8, max_cold_loads=64)
+    # Cold loads are not paced here: the point is slot churn while batches run, and pacing
+    # would let few slots change hands mid-batch, so a careless bank could go unnoticed.
+    config = EngineConfig(
+        num_slots=6,
+        max_batch_rows=8,
+        max_slot_rank=8,
+        max_cold_loads=64,
+        cold_load_share_percent=100,
+    )
     return BaseWorker(base, config, read=read_revision_files)
 
 
@@ -165,7 +173,7 @@ def references(
 ) -> dict[str | None, AdapterRef | None]:
     refs: dict[str | None, AdapterRef | None] = {None: None}
     for revision in exported:
-        entry = decode_revision(base, revision, *read_revision_files(revision), max_rank=8)
+        entry = decode_revision(base, revision, read_revision_files(revision), max_rank=8)
         refs[revision.sha256] = AdapterRef("host-" + revision.sha256, entry.tensors, entry.scale)
     return refs
 
