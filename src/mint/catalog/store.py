@@ -632,7 +632,7 @@ class Catalog:
         ref = LATEST if ref is None else ref
         found = self._lookup(tenant, policy_id, ref)
         if found is not None:
-            record = _looked_up_record(found, tenant, policy_id, self.blobs)
+            record = _revision_record(found, tenant, policy_id, self.blobs)
         else:
             # Nothing found (or a malformed ref): the ORM path raises the error saying why.
             with self._reading() as session:
@@ -1156,32 +1156,10 @@ def _policy_record(row: PolicyRow, tenant: str) -> PolicyRecord:
 
 
 def _revision_record(
-    row: RevisionRow, tenant: str, policy_id: str, blobs: BlobStore
+    row: RevisionRow | Row[Any], tenant: str, policy_id: str, blobs: BlobStore
 ) -> RevisionRecord:
+    """A record from an ORM row or from the resolve lookup's row (same column names)."""
     assert row.name is not None, "tombstoned revisions are never turned into records"
-    return RevisionRecord(
-        tenant=tenant,
-        policy_id=policy_id,
-        number=row.number,
-        name=row.name,
-        sha256=row.sha256,
-        size_bytes=row.size_bytes,
-        base_id=row.base_id,
-        base_fingerprint=row.base_fingerprint,
-        rank=row.rank,
-        alpha=row.alpha,
-        target_modules=tuple(row.target_modules),
-        parent_number=row.parent_number,
-        step=row.step,
-        created_at=row.created_at,
-        blob_path=str(blobs.path(row.blob_key)),
-        manifest_extra=dict(row.manifest_extra or {}),
-    )
-
-
-def _looked_up_record(
-    row: Row[Any], tenant: str, policy_id: str, blobs: BlobStore
-) -> RevisionRecord:
     return RevisionRecord(
         tenant=tenant,
         policy_id=policy_id,
