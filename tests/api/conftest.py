@@ -10,8 +10,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 import uvicorn
+from tinker.proto import tinker_public_pb2 as pb
 
 from mint.api.app import create_app
 from mint.config import Settings
@@ -61,3 +63,15 @@ def live_server(tmp_path_factory: pytest.TempPathFactory, bases_dir: Path) -> It
     server.should_exit = True
     thread.join(timeout=10)
     service.close()
+
+
+def forward_backward_body(model_id: str, seq_id: int) -> bytes:
+    """A small protobuf forward_backward request: cross-entropy on 8 tokens."""
+    message = pb.ForwardBackwardRequest(model_id=model_id, seq_id=seq_id, loss_fn="cross_entropy")
+    datum = message.data.add()
+    datum.model_input.add().encoded_text.tokens = np.arange(30, 38, dtype=np.int32).tobytes()
+    target = pb.Tensor(
+        dense=np.arange(31, 39, dtype=np.int64).tobytes(), dtype=pb.DTYPE_INT64, shape=[8]
+    )
+    datum.loss_fn_inputs["target_tokens"].CopyFrom(target)
+    return message.SerializeToString()

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import httpx
-import numpy as np
 import pytest
 import tinker
-from tests.api.conftest import API_KEY, OTHER_KEY, TINY, LiveServer
-from tinker.proto import tinker_public_pb2 as pb
+from tests.api.conftest import API_KEY, OTHER_KEY, TINY, LiveServer, forward_backward_body
 
 HEADERS = {"X-API-Key": API_KEY}
 
@@ -51,17 +49,6 @@ def _create_model(server: LiveServer, session: str, seq: int, seed: int = 0) -> 
     return str(done["model_id"])
 
 
-def _fwdbwd_body(model_id: str, seq_id: int) -> bytes:
-    message = pb.ForwardBackwardRequest(model_id=model_id, seq_id=seq_id, loss_fn="cross_entropy")
-    datum = message.data.add()
-    datum.model_input.add().encoded_text.tokens = np.arange(30, 38, dtype=np.int32).tobytes()
-    target = pb.Tensor(
-        dense=np.arange(31, 39, dtype=np.int64).tobytes(), dtype=pb.DTYPE_INT64, shape=[8]
-    )
-    datum.loss_fn_inputs["target_tokens"].CopyFrom(target)
-    return message.SerializeToString()
-
-
 def test_missing_api_key_is_401_and_server_keeps_serving(live_server: LiveServer) -> None:
     answer = _post(live_server, "create_session", json={"tags": [], "user_metadata": {}})
     assert answer.status_code == 401
@@ -98,7 +85,9 @@ def test_malformed_protobuf_is_400_and_server_keeps_serving(live_server: LiveSer
     assert "ForwardBackwardRequest" in answer.json()["error"]
     session = _session(live_server)
     model_id = _create_model(live_server, session, 0)
-    ok = _post(live_server, "forward_backward", content=_fwdbwd_body(model_id, 1), headers=headers)
+    ok = _post(
+        live_server, "forward_backward", content=forward_backward_body(model_id, 1), headers=headers
+    )
     assert ok.status_code == 200
     assert _result(live_server, ok.json()["request_id"]).headers["content-type"] == (
         "application/x-protobuf"
@@ -113,7 +102,10 @@ def test_retried_forward_backward_is_applied_once(live_server: LiveServer) -> No
     for model_id, sends in ((once, 1), (twice, 2)):
         ids = {
             _post(
-                live_server, "forward_backward", content=_fwdbwd_body(model_id, 1), headers=headers
+                live_server,
+                "forward_backward",
+                content=forward_backward_body(model_id, 1),
+                headers=headers,
             ).json()["request_id"]
             for _ in range(sends)
         }
@@ -151,7 +143,10 @@ def test_out_of_order_chunks_run_in_seq_order(live_server: LiveServer) -> None:
         json={"model_id": training.model_id, "seq_id": 2, "adam_params": {"learning_rate": 0.1}},
     )
     fb = _post(
-        live_server, "forward_backward", content=_fwdbwd_body(training.model_id, 1), headers=headers
+        live_server,
+        "forward_backward",
+        content=forward_backward_body(training.model_id, 1),
+        headers=headers,
     )
     _result(live_server, fb.json()["request_id"])
     metrics = _result(live_server, step.json()["request_id"]).json()["metrics"]
