@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import time
+
 import httpx
-import numpy as np
 import pytest
 import tinker
-from tests.api.conftest import API_KEY, TINY, LiveServer
+from tests.api.conftest import API_KEY, TINY, LiveServer, forward_backward_body
 from tinker import types
-from tinker.proto import tinker_public_pb2 as pb
 
 from mint.api.app import create_app
 from mint.api.auth import REQUIRED_SCOPE
 from mint.control.futures import JsonResult
+from mint.control.worker import BaseWorker, TrainJob
 from mint.errors import JobQuotaExceeded
 
 SAMPLE_ONLY = "tml-scope-sample-only"
@@ -61,17 +62,6 @@ def _result(server: LiveServer, request_id: str, key: str) -> dict:
     return dict(_poll(server, request_id, key).json())
 
 
-def _fwdbwd(model_id: str, seq_id: int) -> bytes:
-    message = pb.ForwardBackwardRequest(model_id=model_id, seq_id=seq_id, loss_fn="cross_entropy")
-    datum = message.data.add()
-    datum.model_input.add().encoded_text.tokens = np.arange(30, 38, dtype=np.int32).tobytes()
-    target = pb.Tensor(
-        dense=np.arange(31, 39, dtype=np.int64).tobytes(), dtype=pb.DTYPE_INT64, shape=[8]
-    )
-    datum.loss_fn_inputs["target_tokens"].CopyFrom(target)
-    return message.SerializeToString()
-
-
 def _create_model_body(session: str, seq: int = 0) -> dict:
     return {
         "session_id": session,
@@ -112,7 +102,7 @@ def test_sample_only_key_is_refused_training_with_missing_scope(scoped: LiveServ
         "POST",
         "/api/v1/forward_backward",
         SAMPLE_ONLY,
-        content=_fwdbwd("x", 1),
+        content=forward_backward_body("x", 1),
         headers=PROTO,
     )
     _assert_refused(fb, 403, "missing_scope")
@@ -221,7 +211,7 @@ def test_scoped_key_reads_other_tenants_things_as_not_found(scoped: LiveServer) 
         "POST",
         "/api/v1/forward_backward",
         SAMPLE_ONLY,
-        content=_fwdbwd(training.model_id, 9),
+        content=forward_backward_body(training.model_id, 9),
         headers=PROTO,
     )
     nobody = _call(
@@ -229,7 +219,7 @@ def test_scoped_key_reads_other_tenants_things_as_not_found(scoped: LiveServer) 
         "POST",
         "/api/v1/forward_backward",
         SAMPLE_ONLY,
-        content=_fwdbwd("sess-000000000000:train:0", 9),
+        content=forward_backward_body("sess-000000000000:train:0", 9),
         headers=PROTO,
     )
     assert theirs.status_code == nobody.status_code == 403
@@ -282,7 +272,7 @@ def test_quota_never_refuses_the_request_a_parked_job_waits_for(scoped: LiveServ
             "POST",
             "/api/v1/forward_backward",
             QUOTA_KEY,
-            content=_fwdbwd(model_id, 1),
+            content=forward_backward_body(model_id, 1),
             headers=PROTO,
         )
         assert first.status_code == 200, first.text
@@ -309,6 +299,16 @@ def test_sdk_run_completes_under_a_quota_of_one(
             raise
 
     monkeypatch.setattr(service.futures, "create", counting_create)
+    # Each training job takes a moment, so the SDK's pipelined requests always meet an
+    # unfinished one and the quota has something to refuse (on a fast machine the tiny
+    # base's jobs could otherwise finish before the next request arrives).
+    run_train = BaseWorker._run_train
+
+    def slow_run_train(worker: BaseWorker, job: TrainJob) -> None:
+        time.sleep(0.2)
+        run_train(worker, job)
+
+    monkeypatch.setattr(BaseWorker, "_run_train", slow_run_train)
     client = tinker.ServiceClient(base_url=scoped.url, api_key=QUOTA_KEY)
     training = client.create_lora_training_client(base_model=TINY, rank=2).result()
     service.catalog.set_job_quota("delta", 1)
