@@ -87,7 +87,9 @@ class Service:
                 # cyclic collector's view stops full collections (measured at 0.3-0.9 s
                 # here) from stalling decode steps.
                 gc.freeze()
-                worker = BaseWorker(base, self.engine_config)
+                worker = BaseWorker(
+                    base, self.engine_config, train_pass_tokens=self.settings.train_pass_tokens
+                )
                 self._workers[spec.public_id] = worker
             return worker
 

@@ -111,12 +111,15 @@ class BaseWorker:
         max_live_policies: int = 8,
         read: RevisionReader = read_revision_files,
         shared_pass_tokens: int = SHARED_PASS_TOKENS,
+        train_pass_tokens: int = 512,
     ) -> None:
         self.base = base
         #: 0 runs every training job alone.
         self.shared_pass_tokens = shared_pass_tokens
         self.config = config = config or EngineConfig()
-        self.trainer = Trainer(base, max_live_policies=max_live_policies)
+        self.trainer = Trainer(
+            base, max_live_policies=max_live_policies, pass_token_budget=train_pass_tokens
+        )
         self.engine = Engine(base, max_batch_rows=config.max_batch_rows)
         self.stats = ServeStats()
         self.host_cache = HostCache(config.host_cache_bytes)

@@ -41,7 +41,7 @@ class Trainer:
         self,
         base: ResidentBase,
         max_live_policies: int = 4,
-        pass_token_budget: int = 2048,
+        pass_token_budget: int = 512,
         unembed_chunk_tokens: int = 2048,
     ) -> None:
         if max_live_policies < 1:
