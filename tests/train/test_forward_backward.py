@@ -156,6 +156,25 @@ def test_every_bad_datum_is_listed_in_one_error(warm: Trainer) -> None:
     assert warm.base.binding.adapters == []
 
 
+def test_a_problem_shared_by_many_datums_is_worded_once(warm: Trainer) -> None:
+    good = make_data(9, [4], weights=False, sampler=True)[0]
+    extra = TrainDatum(
+        good.input_tokens, {**good.loss_inputs, "weights": np.ones(4, dtype=np.float32)}
+    )
+    bad_targets = TrainDatum(
+        good.input_tokens, {**good.loss_inputs, "target_tokens": np.array([1, 2, 300, 4])}
+    )
+    data = [extra, extra, extra, good, extra, bad_targets, extra, extra]
+    with pytest.raises(UserError) as caught:
+        warm.forward_backward("p", data, "importance_sampling")
+    assert str(caught.value) == (
+        "7 problem(s) in the job's data: "
+        "datums 0-2, 4, 6-7: loss input 'weights' is not read by this loss "
+        "(it reads ['advantages', 'logprobs', 'target_tokens']); remove it; "
+        "datum 5: target_tokens holds ids outside [0, 259)"
+    )
+
+
 def test_no_data_is_refused(warm: Trainer) -> None:
     with pytest.raises(UserError, match="needs at least one datum; got none"):
         warm.forward_backward("p", [], "cross_entropy")

@@ -103,7 +103,37 @@ def check_data(
     for index, datum in enumerate(data):
         problems += datum_problems(index, datum, spec, vocab_size, max_length)
     if problems:
-        raise UserError(f"{len(problems)} problem(s) in the job's data: " + "; ".join(problems))
+        raise UserError(
+            f"{len(problems)} problem(s) in the job's data: " + "; ".join(_grouped(problems))
+        )
+
+
+def _grouped(problems: list[str]) -> list[str]:
+    """Problems that differ only in their datum index, worded once with every index (a job
+    of 64 datums all missing one field reads as one line, not 64)."""
+    indices: dict[str, list[int]] = {}
+    for problem in problems:
+        head, _, what = problem.partition(": ")
+        index = int(head.removeprefix("datum "))
+        indices.setdefault(what, []).append(index)
+    lines = []
+    for what, seen in indices.items():
+        if len(seen) == 1:
+            lines.append(f"datum {seen[0]}: {what}")
+        else:
+            lines.append(f"datums {_ranges(seen)}: {what}")
+    return lines
+
+
+def _ranges(indices: list[int]) -> str:
+    """`[0, 1, 2, 5, 7, 8]` as `0-2, 5, 7-8`."""
+    spans: list[list[int]] = []
+    for index in indices:
+        if spans and index == spans[-1][1] + 1:
+            spans[-1][1] = index
+        else:
+            spans.append([index, index])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
 
 
 def micro_batches(data: Sequence[TrainDatum], token_budget: int) -> list[list[TrainDatum]]:
