@@ -35,9 +35,11 @@ from mint.serve.stats import ServeStats
 from mint.serve.tiers import (
     HostCache,
     HostEntry,
+    LayoutCache,
     RevisionFiles,
     SlotBank,
     decode_revision,
+    load_check,
     revision_label,
 )
 
@@ -50,10 +52,11 @@ SLOT_WAIT_POLL_S = 0.25
 
 
 def read_revision_files(revision: RevisionRecord) -> RevisionFiles:
-    """The two PEFT files of a revision from its blob folder, hashed as they are read."""
+    """The two PEFT files of a revision from its blob folder, hashed as they are read with
+    the revision's load check (`load_check`)."""
     folder = Path(revision.blob_path)
     try:
-        return RevisionFiles.read(folder)
+        return RevisionFiles.read(folder, load_check(revision))
     except FileNotFoundError as error:
         raise InvalidAdapter(
             [f"{Path(str(error.filename)).name} is missing in {folder}; re-export the revision"],
@@ -132,6 +135,7 @@ class ColdLoader:
         self.max_cold_loads = max_cold_loads
         self._read = read
         self.pacer = pacer or LoadPacer(share=1.0)
+        self.layouts = LayoutCache()
         self._loads: dict[str, _Load] = {}
         self._queue: deque[_Load] = deque()
         self._lock = threading.Condition()
@@ -243,7 +247,7 @@ class ColdLoader:
             return entry, "host_cache"
         with self.pacer.turn():
             files = self._read(revision)
-            entry = decode_revision(self.base, revision, files, self.bank.max_rank)
+            entry = decode_revision(self.base, revision, files, self.bank.max_rank, self.layouts)
             self.host_cache.admit(entry)
         return entry, "catalog"
 
