@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 from pathlib import Path
 
 import pytest
@@ -292,3 +293,51 @@ def test_a_catalog_upgraded_to_the_load_check_keeps_serving_its_revisions(
     finally:
         worker.stop()
         catalog.close()
+
+
+def refiled(revision: RevisionRecord, header_pad: int, half: set[str]) -> bytes:
+    """The revision's weights written again with `header_pad` spaces after the header JSON
+    (the format promises no alignment) and the tensors named in `half` stored as F16."""
+    weights = weights_file(revision).read_bytes()
+    end = header_end(revision)
+    header = json.loads(weights[8:end])
+    header.pop("__metadata__")
+    body, cursor = b"", 0
+    for key in sorted(header, key=lambda k: header[k]["data_offsets"][0]):
+        info = header[key]
+        begin, stop = info["data_offsets"]
+        tensor = torch.frombuffer(bytearray(weights[end + begin : end + stop]), dtype=torch.float32)
+        if key in half:
+            tensor, info["dtype"] = tensor.to(torch.float16), "F16"
+        raw = tensor.numpy().tobytes()
+        info["data_offsets"] = [cursor, cursor + len(raw)]
+        body, cursor = body + raw, cursor + len(raw)
+    encoded = json.dumps(header).encode() + b" " * header_pad
+    return len(encoded).to_bytes(8, "little") + encoded + body
+
+
+@pytest.mark.parametrize(("header_pad", "halves"), [(1, False), (0, True)])
+def test_files_that_cannot_be_read_in_place_are_packed_into_one_buffer(
+    revisions: Revisions, tiny_base: ResidentBase, header_pad: int, halves: bool
+) -> None:
+    revision = revisions.export("pol-a", seed=1, rank=4)
+    config = (Path(revision.blob_path) / CONFIG_FILE).read_bytes()
+    expected = revisions.catalog.read_revision_tensors(revision)
+    path = "model.layers.1.mlp.up_proj"
+    half = {f"base_model.model.{path}.lora_B.weight"} if halves else set()
+    weights = refiled(revision, header_pad, half)
+    if not halves:
+        assert (8 + int.from_bytes(weights[:8], "little")) % 4  # float32 data off alignment
+    else:
+        expected[path] = (expected[path][0], expected[path][1].to(torch.float16).float())
+    digest = hashlib.sha256(weights + config).hexdigest()
+    record = dataclasses.replace(revision, sha256=digest, xxh3_128=None)
+    entry = decode_revision(tiny_base, record, RevisionFiles.of(weights, config), 8)
+    assert sorted(entry.tensors) == sorted(expected)
+    for module, (a, b) in expected.items():
+        assert torch.equal(entry.tensors[module][0], a)
+        assert torch.equal(entry.tensors[module][1], b)
+    stack = placed(SlotBank(tiny_base, num_slots=1, max_rank=8), entry)
+    assert entry.layout == stack.layout  # packed in data order: still one copy
+    for module, (a, b) in expected.items():
+        assert torch.equal(stack.a[module][0], a) and torch.equal(stack.b[module][0], b)

@@ -134,7 +134,7 @@ class RevisionFiles:
         digest = LOAD_CHECKS[check]()
         with open(folder / WEIGHTS_FILE, "rb", buffering=0) as file:
             # numpy.empty, unlike bytearray, leaves the buffer unfilled: the read fills it.
-            view = memoryview(numpy.empty(_file_size(file), dtype=numpy.uint8))
+            view = numpy.empty(_file_size(file), dtype=numpy.uint8).data
             done = 0
             while done < len(view):
                 got = file.readinto(view[done : done + READ_CHUNK])
@@ -409,7 +409,7 @@ def _layout_of(spans: list[_Span], start: int, pairs: dict[str, tuple[str, str]]
     elements: dict[str, int] = {}
     cursor = 0
     for span in spans:
-        elements[span.key] = span.begin // span.dtype.itemsize if in_place else cursor
+        elements[span.key] = span.begin // span.dtype.itemsize if in_place is not None else cursor
         cursor += math.prod(span.shape)
     by_key = {span.key: span for span in spans}
     modules = []
