@@ -10,10 +10,11 @@ When a load completes, every request that waited on it already holds a reference
 slot, so no other load can evict the slot before those requests run.
 
 Cold work shares the process (its GIL) and the machine's cores with the decode loop.
-Reading and hashing drop the GIL but still take a core; decoding, validating and placing a
-revision are Python work that interleaves with a decode step and stretches it. So while a
-batch decodes, a `LoadPacer` holds the loader's work to a share of the time
-(`cold_load_share_percent`); with nothing decoding, loads run back to back.
+Reading, hashing and copying drop the GIL but still take a core; validating a header the
+engine has not seen before, and placing a revision tensor by tensor, are Python work that
+interleaves with a decode step and stretches it. So while a batch decodes, a `LoadPacer`
+holds the loader's work to a share of the time (`cold_load_share_percent`); with nothing
+decoding, loads run back to back.
 """
 
 from __future__ import annotations

@@ -648,9 +648,9 @@ class SlotBank:
     Slots are grouped by rank class (`rank_class`: powers of two up to `max_rank`): each
     class has one `SlotStack`, allocated on its first placement, with a position for every
     slot, and a slot's revision lives in the stack of its class. So a batch's rank-8 rows
-    compute at rank 8 beside rank-32 rows, and a placement is one batched copy into the
-    stack. Eviction takes the least recently used slot that no job references and that is
-    not pinned.
+    compute at rank 8 beside rank-32 rows, and a placement is one copy into the stack (one
+    batched copy of every tensor for a revision not laid out as the stack). Eviction takes
+    the least recently used slot that no job references and that is not pinned.
 
     Known shortcoming: every class allocated holds a position for every slot, so a bank
     whose revisions span all classes up to `max_rank` uses up to twice the memory of one
