@@ -14,6 +14,7 @@ from mint.catalog.peft_io import CONFIG_FILE, WEIGHTS_FILE
 from mint.catalog.records import RevisionRecord
 from mint.errors import InvalidAdapter, MintError, UserError
 from mint.models.base import ResidentBase
+from mint.models.lora import FlatLayout
 from mint.serve import Engine, SampleRequest, SamplingParams
 from mint.serve.tiers import (
     HostCache,
@@ -37,7 +38,8 @@ def admitted(base: ResidentBase, revision: RevisionRecord, max_rank: int = 8) ->
 
 
 def sized(sha: str, nbytes: int) -> HostEntry:
-    return HostEntry(sha, f"pol@{sha}", rank=1, scale=1.0, tensors={}, nbytes=nbytes)
+    data = torch.zeros(nbytes, dtype=torch.uint8)
+    return HostEntry(sha, f"pol@{sha}", 1, 1.0, data, FlatLayout(1, (), 0), nbytes=nbytes)
 
 
 def test_host_cache_keeps_a_byte_budget_least_recently_used_first() -> None:
@@ -215,8 +217,10 @@ def test_admission_reads_tensors_in_place_and_agrees_with_safetensors(
 
     revision = revisions.export("pol-a", seed=1, rank=4)
     read = read_revision_files(revision)
-    assert read == RevisionFiles.of(*files(revision))
-    assert read.sha256 == revision.sha256
+    assert read == RevisionFiles.of(*files(revision), check="xxh3_128")
+    assert (read.check, read.digest) == ("xxh3_128", revision.xxh3_128)
+    sha256 = RevisionFiles.read(Path(revision.blob_path))
+    assert (sha256.check, sha256.digest) == ("sha256", revision.sha256)
     views = view_safetensors(read.weights)
     reference = load_safetensors(bytes(read.weights))
     assert sorted(views) == sorted(reference)
@@ -225,6 +229,9 @@ def test_admission_reads_tensors_in_place_and_agrees_with_safetensors(
     # A float32 base takes the float32 file's tensors as they lie in the bytes read.
     entry = decode_revision(tiny_base, revision, read, max_rank=8)
     start = torch.frombuffer(read.weights, dtype=torch.uint8).data_ptr()
+    header = int.from_bytes(read.weights[:8], "little")
+    assert entry.data.data_ptr() == start + 8 + header  # the data region, not a copy
+    assert entry.nbytes == len(read.weights) - 8 - header
     for a, b in entry.tensors.values():
         for tensor in (a, b):
             assert start <= tensor.data_ptr() < start + len(read.weights)

@@ -5,7 +5,7 @@
     adapter switched between groups);
 (c) request latency by tier: slot hit, host-cache hit, catalog miss;
 (d) host cache -> slot time vs a plain copy of the same bytes, and catalog -> host cache
-    time vs a raw read of the same files;
+    time vs a raw read of the same files (and vs that read hashed, xxh3_128 and sha256);
 (e) Zipf traffic over many adapters with few slots and a small host cache: hit rates and
     p50/p99 latency; then warm per-token latency alone, while a burst of cold revisions
     loads (the cold loader's cost), and while a burst of cold requests loads and joins the
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import dataclasses
 import gc
 import json
 import logging
@@ -33,7 +34,7 @@ from typing import Any
 
 import torch
 
-from mint.catalog.peft_io import CONFIG_FILE, WEIGHTS_FILE, adapter_digest
+from mint.catalog.peft_io import CONFIG_FILE, WEIGHTS_FILE, adapter_digest, load_digest
 from mint.catalog.records import RevisionRecord
 from mint.catalog.store import Catalog
 from mint.config import Settings
@@ -44,7 +45,7 @@ from mint.models.base import ResidentBase, load_base
 from mint.models.lora import ATTENTION_TARGETS, MLP_TARGETS, LoraSignature, init_adapter
 from mint.serve.config import EngineConfig
 from mint.serve.loader import read_revision_files
-from mint.serve.tiers import decode_revision
+from mint.serve.tiers import HostEntry, decode_revision
 from mint.serve.types import SampleRequest, SampleResult, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -258,60 +259,93 @@ def bench_tiers(base: ResidentBase, adapters: Adapters, sizes: Sizes) -> dict[st
 
 
 def bench_copies(base: ResidentBase, adapters: Adapters, reps: int) -> dict[str, Any]:
-    """(d) tier moves against plain copies of the same bytes."""
-    from mint.serve.tiers import SlotBank
+    """(d) tier moves against plain copies of the same bytes.
+
+    catalog -> host cache is timed as the engine admits: the files read and hashed with
+    the revision's load check, the config and the length checked, the header layout from
+    the engine's cache (every rep but the one timed with a fresh cache, which parses and
+    validates the header too); the sha256 figure is a revision that records no load check.
+    The floors beside them read the same two files, plain, then hashed.
+    """
+    from mint.serve.tiers import LayoutCache, SlotBank
 
     revision = adapters.make(rank=8)
+    older = dataclasses.replace(revision, xxh3_128=None)  # exported before the load check
     bank = SlotBank(base, num_slots=1, max_rank=8)
-    entry = decode_revision(base, revision, read_revision_files(revision), max_rank=8)
+    layouts = LayoutCache()
+
+    def admitted(record: RevisionRecord, cache: LayoutCache) -> HostEntry:
+        return decode_revision(base, record, read_revision_files(record), 8, cache)
+
+    entry = admitted(revision, layouts)
     flat = torch.ones(entry.nbytes, dtype=torch.uint8)
     target = torch.empty(entry.nbytes, dtype=torch.uint8, device=base.device)
 
-    def placed() -> None:
+    def placed(free: bool = True) -> None:
         index = bank.reserve(entry.sha256, entry.label)
         assert index is not None
         bank.fill(index, entry)
         bank.mark_ready(index, refs=0)
-        bank.table[index] = None  # free it again without touching its buffers
+        if free:
+            bank.table[index] = None  # free it again without touching its buffers
 
     target.copy_(flat)  # first touches (page faults, buffer allocation) stay out of the timing
-    placed()
+    placed(free=False)
+    placement = bank.adapter(0).placement
+    assert placement is not None
+    stack = placement.stack
+    bank.table[0] = None
+
+    def placed_per_tensor() -> None:  # the copies of a revision not laid out as its stack
+        stack.write(0, entry.rank, entry.tensors)
+        if base.device.type == "cuda":
+            torch.cuda.synchronize(base.device)
+
+    placed_per_tensor()
     folder = Path(revision.blob_path)
-    place, copy, admit, read, hashed = [], [], [], [], []
-    for _ in range(reps):
+    times: dict[str, list[float]] = {}
+
+    def timed(name: str, work: Callable[[], object]) -> None:
         started = time.perf_counter()
-        raw = [(folder / name).read_bytes() for name in (WEIGHTS_FILE, CONFIG_FILE)]
-        read.append(time.perf_counter() - started)
-        started = time.perf_counter()
-        raw = [(folder / name).read_bytes() for name in (WEIGHTS_FILE, CONFIG_FILE)]
-        adapter_digest(*raw)
-        hashed.append(time.perf_counter() - started)
-        started = time.perf_counter()
-        decode_revision(base, revision, read_revision_files(revision), max_rank=8)
-        admit.append(time.perf_counter() - started)
-        started = time.perf_counter()
+        work()
+        times.setdefault(name, []).append(time.perf_counter() - started)
+
+    def read() -> list[bytes]:
+        return [(folder / name).read_bytes() for name in (WEIGHTS_FILE, CONFIG_FILE)]
+
+    def copied() -> None:
         target.copy_(flat)
         if base.device.type == "cuda":
             torch.cuda.synchronize(base.device)
-        copy.append(time.perf_counter() - started)
-        started = time.perf_counter()
-        placed()
-        place.append(time.perf_counter() - started)
-    tensors = len(entry.tensors) * 2
-    return {
+
+    for _ in range(reps):
+        timed("raw_read", read)
+        timed("raw_read_and_xxh3", lambda: load_digest(*read()))
+        timed("raw_read_and_sha256", lambda: adapter_digest(*read()))
+        timed("catalog_to_host", lambda: admitted(revision, layouts))
+        timed("catalog_to_host_new_header", lambda: admitted(revision, LayoutCache()))
+        timed("catalog_to_host_sha256", lambda: admitted(older, layouts))
+        timed("plain_copy", copied)
+        timed("host_to_slot", placed)
+        timed("host_to_slot_per_tensor", placed_per_tensor)
+    median = {name: statistics.median(values) for name, values in times.items()}
+    figures: dict[str, Any] = {
         "adapter_bytes": entry.nbytes,
-        "adapter_tensors": tensors,
-        "host_to_slot_s": statistics.median(place),
-        "plain_copy_s": statistics.median(copy),
-        "host_to_slot_over_copy": statistics.median(place) / statistics.median(copy),
-        "catalog_to_host_s": statistics.median(admit),
-        "raw_read_s": statistics.median(read),
-        "catalog_to_host_over_read": statistics.median(admit) / statistics.median(read),
-        # The integrity check reads every byte through sha256: the floor of a verified read.
-        "raw_read_and_sha256_s": statistics.median(hashed),
-        "catalog_to_host_over_read_and_sha256": statistics.median(admit)
-        / statistics.median(hashed),
+        "adapter_tensors": len(entry.layout.modules) * 2,
+        "host_to_slot_one_copy": entry.layout == stack.layout,
     }
+    figures |= {f"{name}_s": value for name, value in median.items()}
+    for name, floor in (
+        ("host_to_slot", "plain_copy"),
+        ("host_to_slot_per_tensor", "plain_copy"),
+        ("catalog_to_host", "raw_read"),
+        ("catalog_to_host_new_header", "raw_read"),
+        ("catalog_to_host_sha256", "raw_read"),
+        ("raw_read_and_xxh3", "raw_read"),
+        ("raw_read_and_sha256", "raw_read"),
+    ):
+        figures[f"{name}_over_{floor}"] = median[name] / median[floor]
+    return figures
 
 
 def _zipf_choices(count: int, population: int, rng: random.Random, s: float = 1.1) -> list[int]:

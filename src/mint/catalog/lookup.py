@@ -37,6 +37,7 @@ REVISION_COLUMNS = (
     RevisionRow.step,
     RevisionRow.created_at,
     RevisionRow.manifest_extra,
+    RevisionRow.xxh3_128,
 )
 
 

@@ -93,3 +93,7 @@ class RevisionRecord:
     blob_path: str
     #: mint_revision.json fields a newer mint wrote, kept and written back on export.
     manifest_extra: dict[str, Any] = field(default_factory=dict)
+    #: The load check (`peft_io.load_digest`), which the engine verifies instead of the
+    #: slower sha256 when it reads the files; None for a revision exported before mint
+    #: recorded it.
+    xxh3_128: str | None = None

@@ -157,6 +157,8 @@ class RevisionRow(Base):
     deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     #: mint_revision.json fields this version does not know (migration 0002).
     manifest_extra: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    #: The load check over the adapter files (migration 0004); NULL for older revisions.
+    xxh3_128: Mapped[str | None] = mapped_column(String(32), nullable=True)
 
 
 class AliasRow(Base):

@@ -35,7 +35,7 @@ from mint.catalog.peft_io import (
     RevisionManifest,
     adapter_digest,
     decode_peft,
-    folder_digest,
+    folder_digests,
     write_peft_folder,
 )
 from mint.catalog.records import (
@@ -447,13 +447,14 @@ class Catalog:
         metadata: dict[str, str],
         manifest_extra: dict[str, Any],
     ) -> RevisionRecord:
-        """Hash a staged PEFT folder and commit it as the next revision, retrying numbers."""
-        digest, size = folder_digest(staged)
+        """Hash a staged PEFT folder (its sha256 content address and its xxh3_128 load
+        check) and commit it as the next revision, retrying numbers."""
+        digest, check, size = folder_digests(staged)
         for attempt in range(1, EXPORT_ATTEMPTS + 1):
             try:
                 return self._commit_revision(
-                    tenant, policy_id, name, staged, digest, size, step, ttl_seconds,
-                    metadata, manifest_extra,
+                    tenant, policy_id, name, staged, (digest, check), size, step,
+                    ttl_seconds, metadata, manifest_extra,
                 )  # fmt: skip
             except IntegrityError:
                 if attempt == EXPORT_ATTEMPTS:
@@ -535,13 +536,15 @@ class Catalog:
         policy_id: str,
         name: str | None,
         staged: Path,
-        digest: str,
+        digests: tuple[str, str],
         size: int,
         step: int,
         ttl_seconds: int | None,
         metadata: dict[str, str],
         manifest_extra: dict[str, Any],
     ) -> RevisionRecord:
+        """`digests` are the folder's (sha256, xxh3_128)."""
+        digest, check = digests
         with self._writing() as session:
             policy = _policy_row(session, tenant, policy_id, lock=True)
             if name is not None and _find_revision_by_name(session, policy.id, name):
@@ -570,6 +573,7 @@ class Catalog:
                 expires_at=_expiry(now, ttl_seconds),
                 user_metadata=metadata,
                 manifest_extra=manifest_extra or None,
+                xxh3_128=check,
             )
             self._publish(staged, row, policy_id)
             session.add(row)
@@ -1096,6 +1100,7 @@ def _copy_fields(
         "expires_at": None,
         "user_metadata": {},
         "manifest_extra": source.manifest_extra,
+        "xxh3_128": source.xxh3_128,
     }
 
 
@@ -1177,6 +1182,7 @@ def _revision_record(
         created_at=row.created_at,
         blob_path=str(blobs.path(row.blob_key)),
         manifest_extra=dict(row.manifest_extra or {}),
+        xxh3_128=row.xxh3_128,
     )
 
 

@@ -260,15 +260,62 @@ def _aligned(count: int) -> int:
     return -(-count // _ALIGN) * _ALIGN
 
 
+@dataclass(frozen=True)
+class FlatLayout:
+    """Where each module's A (`[rank, in]`) and B (`[out, rank]`) lie in one flat buffer.
+
+    `modules` holds (path, A start, B start, in_features, out_features) in path order, the
+    starts counted in elements; `size` is the buffer's length in elements. A slot of a
+    `SlotStack` and a host-cached revision each describe their buffer this way, so a
+    revision whose layout equals its stack's is placed with one copy of its whole buffer.
+    """
+
+    rank: int
+    modules: tuple[tuple[str, int, int, int, int], ...]
+    size: int
+
+    @classmethod
+    def packed(cls, shapes: Mapping[str, tuple[int, int]], rank: int) -> FlatLayout:
+        """The layout mint exports in (safetensors orders tensors by key: each module's A,
+        then its B, modules in path order), each tensor's start rounded up to a multiple of
+        `_ALIGN` elements. When every tensor's size is a multiple of `_ALIGN` already, as
+        it is for the usual model widths, nothing is padded and a full-rank revision of
+        every module lies in its file exactly as in a slot."""
+        modules, cursor = [], 0
+        for path in sorted(shapes):
+            in_features, out_features = shapes[path]
+            a_at = cursor
+            b_at = a_at + _aligned(rank * in_features)
+            cursor = b_at + _aligned(out_features * rank)
+            modules.append((path, a_at, b_at, in_features, out_features))
+        return cls(rank, tuple(modules), cursor)
+
+    @property
+    def paths(self) -> tuple[str, ...]:
+        return tuple(module[0] for module in self.modules)
+
+    def views(self, flat: torch.Tensor) -> AdapterTensors:
+        """Every module's (A, B) as views into `flat`, a 1-D buffer of `size` elements."""
+        rank = self.rank
+        return {
+            path: (
+                flat[a_at : a_at + rank * in_features].view(rank, in_features),
+                flat[b_at : b_at + out_features * rank].view(out_features, rank),
+            )
+            for path, a_at, b_at, in_features, out_features in self.modules
+        }
+
+
 class SlotStack:
     """Every slot's adapter of one rank class, side by side in one device buffer.
 
-    `flat[slot]` holds one slot contiguously: each module's A (`[rank, in]`), then each
-    module's B (`[out, rank]`), modules in path order. `a[path]` (`[slots, rank, in]`) and
-    `b[path]` (`[slots, out, rank]`) are views across slots, so a forward pass reads the
-    rows' adapters where they lie, without gathering them. A revision of a smaller rank
-    fills the first rows of A and columns of B and leaves the rest zero; a module it does
-    not adapt stays zero too, so it adds exactly nothing.
+    `flat[slot]` holds one slot contiguously, as `layout` says: each module's A
+    (`[rank, in]`) then its B (`[out, rank]`), modules in path order, the order a mint
+    export's safetensors data lies in. `a[path]` (`[slots, rank, in]`) and `b[path]`
+    (`[slots, out, rank]`) are views across slots, so a forward pass reads the rows'
+    adapters where they lie, without gathering them. A revision of a smaller rank fills the
+    first rows of A and columns of B and leaves the rest zero; a module it does not adapt
+    stays zero too, so it adds exactly nothing.
 
     B keeps the host cache's `[out, rank]` layout so that placing a revision is a plain copy.
     Stored transposed, the B half of a one-row-per-slot decode step ran about 5x faster on
@@ -284,19 +331,12 @@ class SlotStack:
         dtype: torch.dtype,
     ) -> None:
         self.rank = rank
-        self.paths = tuple(sorted(shapes))
-        starts: dict[tuple[str, str], int] = {}
-        cursor = 0
-        for half in ("a", "b"):
-            for path in self.paths:
-                starts[(half, path)] = cursor
-                cursor += _aligned(rank * shapes[path][0 if half == "a" else 1])
-        self.flat = torch.zeros(num_slots, cursor, device=device, dtype=dtype)
+        self.layout = FlatLayout.packed(shapes, rank)
+        self.paths = self.layout.paths
+        self.flat = torch.zeros(num_slots, self.layout.size, device=device, dtype=dtype)
         self.a: dict[str, torch.Tensor] = {}
         self.b: dict[str, torch.Tensor] = {}
-        for path in self.paths:
-            in_features, out_features = shapes[path]
-            a_at, b_at = starts[("a", path)], starts[("b", path)]
+        for path, a_at, b_at, in_features, out_features in self.layout.modules:
             a = self.flat[:, a_at : a_at + rank * in_features]
             b = self.flat[:, b_at : b_at + out_features * rank]
             self.a[path] = a.view(num_slots, rank, in_features)
@@ -310,6 +350,16 @@ class SlotStack:
         self.segmentable = {
             path: all(n * size % 16 == 0 for n in (rank, *shapes[path])) for path in self.paths
         }
+
+    def write_flat(self, slot: int, data: torch.Tensor) -> None:
+        """Copy a revision laid out as `layout` (a 1-D buffer of `layout.size` elements) into
+        `slot` in one copy. The caller owns the slot: no forward pass may read it meanwhile."""
+        if data.shape != (self.layout.size,):
+            raise ValueError(
+                f"a slot of this stack holds {self.layout.size} elements; got a buffer of "
+                f"shape {tuple(data.shape)}"
+            )
+        self.flat[slot].copy_(data, non_blocking=True)
 
     def write(
         self, slot: int, rank: int, tensors: Mapping[str, tuple[torch.Tensor, torch.Tensor]]

@@ -10,10 +10,11 @@ When a load completes, every request that waited on it already holds a reference
 slot, so no other load can evict the slot before those requests run.
 
 Cold work shares the process (its GIL) and the machine's cores with the decode loop.
-Reading and hashing drop the GIL but still take a core; decoding, validating and placing a
-revision are Python work that interleaves with a decode step and stretches it. So while a
-batch decodes, a `LoadPacer` holds the loader's work to a share of the time
-(`cold_load_share_percent`); with nothing decoding, loads run back to back.
+Reading, hashing and copying drop the GIL but still take a core; validating a header the
+engine has not seen before, and placing a revision tensor by tensor, are Python work that
+interleaves with a decode step and stretches it. So while a batch decodes, a `LoadPacer`
+holds the loader's work to a share of the time (`cold_load_share_percent`); with nothing
+decoding, loads run back to back.
 """
 
 from __future__ import annotations
@@ -35,9 +36,11 @@ from mint.serve.stats import ServeStats
 from mint.serve.tiers import (
     HostCache,
     HostEntry,
+    LayoutCache,
     RevisionFiles,
     SlotBank,
     decode_revision,
+    load_check,
     revision_label,
 )
 
@@ -50,10 +53,11 @@ SLOT_WAIT_POLL_S = 0.25
 
 
 def read_revision_files(revision: RevisionRecord) -> RevisionFiles:
-    """The two PEFT files of a revision from its blob folder, hashed as they are read."""
+    """The two PEFT files of a revision from its blob folder, hashed as they are read with
+    the revision's load check (`load_check`)."""
     folder = Path(revision.blob_path)
     try:
-        return RevisionFiles.read(folder)
+        return RevisionFiles.read(folder, load_check(revision))
     except FileNotFoundError as error:
         raise InvalidAdapter(
             [f"{Path(str(error.filename)).name} is missing in {folder}; re-export the revision"],
@@ -132,6 +136,7 @@ class ColdLoader:
         self.max_cold_loads = max_cold_loads
         self._read = read
         self.pacer = pacer or LoadPacer(share=1.0)
+        self.layouts = LayoutCache()
         self._loads: dict[str, _Load] = {}
         self._queue: deque[_Load] = deque()
         self._lock = threading.Condition()
@@ -243,7 +248,7 @@ class ColdLoader:
             return entry, "host_cache"
         with self.pacer.turn():
             files = self._read(revision)
-            entry = decode_revision(self.base, revision, files, self.bank.max_rank)
+            entry = decode_revision(self.base, revision, files, self.bank.max_rank, self.layouts)
             self.host_cache.admit(entry)
         return entry, "catalog"
 
