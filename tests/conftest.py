@@ -10,9 +10,18 @@ import torch
 
 from mint.models.base import ResidentBase, load_base
 
-torch.set_num_threads(2)
+#: Every test runs with this many torch threads; float32 sums are ordered by the thread
+#: count, so results compared to 1e-5 must not depend on which test ran before.
+TEST_THREADS = 2
+torch.set_num_threads(TEST_THREADS)
 # Tests never reach a model hub: anything that tries fails at once instead of retrying.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(autouse=True)
+def _same_torch_threads() -> None:
+    """Undo a thread count set by code under test (the bench commands set their own)."""
+    torch.set_num_threads(TEST_THREADS)
 
 
 @pytest.fixture(scope="session")
