@@ -217,6 +217,10 @@ def bench(
     if name not in BENCHMARKS:
         raise typer.BadParameter(f"unknown benchmark {name!r}; choose from {BENCHMARKS}")
     _setup_logging()
+    # A benchmark prints its own figures; the engine's and catalog's per-event INFO lines
+    # (one per cold load, migration, policy) would bury them. Its progress lines stay.
+    for noisy in ("mint.serve", "mint.control", "mint.catalog", "mint.train", "alembic"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     module = importlib.import_module(f"mint.bench.{name}")
     raise typer.Exit(module.main(list(ctx.args)))
 

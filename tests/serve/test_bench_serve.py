@@ -16,8 +16,8 @@ def test_quick_bench_writes_every_figure(
     out = tmp_path / "serve.json"
     assert bench.main(["--quick", "--bases-dir", str(bases_dir), "--out", str(out)]) == 0
     report = json.loads(out.read_text())
-    assert sorted(report) == ["base", "batching", "copies", "device", "peft", "threads", "tiers",
-                              "zipf"]  # fmt: skip
+    assert sorted(report) == ["base", "batching", "copies", "device", "peft", "targets",
+                              "threads", "tiers", "zipf"]  # fmt: skip
     sizes = bench.QUICK
     assert report["batching"]["requests"] == sizes.concurrent
     # PEFT, switching adapters per group, decodes the same greedy tokens as mint's batch.
@@ -35,4 +35,16 @@ def test_quick_bench_writes_every_figure(
         assert burst[f"warm_tokens_{phase}"] > 0
         assert 0 < burst[f"warm_token_s_{phase}_p50"] <= burst[f"warm_token_s_{phase}_p99"]
     assert report["copies"]["adapter_tensors"] == 28
+    # Every target is judged from the figure it names, with its bound.
+    targets = report["targets"]
+    assert sorted(targets) == [
+        "(a) distinct_throughput_over_one",
+        "(b) mint_distinct_speedup",
+        "(d) catalog_to_host_over_raw_read",
+        "(d) host_to_slot_over_plain_copy",
+        "(e) warm_token_p99_rise_loading",
+    ]
+    ratio = report["batching"]["distinct_throughput_over_one"]
+    verdict = "met" if ratio >= 0.85 else "NOT met"
+    assert targets["(a) distinct_throughput_over_one"] == f"{ratio:.3g} (target >= 0.85): {verdict}"
     assert "wrote" in capsys.readouterr().out
