@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 
+import pytest
 from tests.serve.conftest import random_adapter
 from tests.serve.test_engine import assert_same_result, greedy, random_request
 
@@ -13,8 +14,9 @@ from mint.models.lora import ATTENTION_TARGETS, LoraSignature
 from mint.serve import AdapterRef, Engine, SampleRequest, SampleResult
 
 
+@pytest.mark.parametrize("chunk", [512, 3], ids=["whole-prefill", "prefill-in-chunks"])
 def test_requests_joining_at_random_steps_match_running_alone(
-    base: ResidentBase, engine: Engine, atol: float
+    base: ResidentBase, engine: Engine, atol: float, chunk: int
 ) -> None:
     signatures = [LoraSignature(rank=r, alpha=2 * r) for r in (1, 2, 4, 8)] + [
         LoraSignature(rank=3, alpha=3, target_modules=ATTENTION_TARGETS)
@@ -24,7 +26,7 @@ def test_requests_joining_at_random_steps_match_running_alone(
         for i in range(10)
     ]
     rng = random.Random(7)
-    batch = Engine(base, max_batch_rows=6).batch()
+    batch = Engine(base, max_batch_rows=6, prefill_chunk_tokens=chunk).batch()
     requests: dict[int, SampleRequest] = {}
     results: dict[int, SampleResult] = {}
     streamed: dict[tuple[int, int], list[int]] = {}
@@ -66,6 +68,38 @@ def test_a_request_joining_a_long_running_one_changes_neither(
         done.update(batch.step().finished)
     assert_same_result(done[first], engine.generate([long])[0], atol)
     assert_same_result(done[second], engine.generate([late])[0], atol)
+
+
+def test_a_long_prompt_joins_in_chunks_while_running_rows_keep_sampling(
+    base: ResidentBase, engine: Engine, adapters: list[AdapterRef], atol: float
+) -> None:
+    chunked = Engine(base, prefill_chunk_tokens=8)
+    running = SampleRequest([5, 6, 7], greedy(40), adapter=adapters[0])
+    long = SampleRequest(list(range(20, 60)), greedy(4), adapter=adapters[1],
+                         prompt_logprobs=True)  # fmt: skip
+    batch = chunked.batch()
+    first = batch.admit(running)
+    batch.step()
+    second = batch.admit(long)
+    done: dict[int, SampleResult] = {}
+    sampled_by_step = []
+    while batch.load:
+        tick = batch.step()
+        sampled_by_step.append({request for request, *_ in tick.sampled})
+        done.update(tick.finished)
+    # 40 prompt tokens, 8 per step: the running row samples alone for the first four steps,
+    # the long request's first token comes in the fifth, and no step went without a token.
+    assert sampled_by_step[:5] == [{first}] * 4 + [{first, second}]
+    assert_same_result(done[first], engine.generate([running])[0], atol)
+    assert_same_result(done[second], engine.generate([long])[0], atol)
+    whole, in_chunks = engine.generate([long])[0].prompt_logprobs, done[second].prompt_logprobs
+    assert whole is not None and in_chunks is not None and whole[0] is None is in_chunks[0]
+    assert max(abs(a - b) for a, b in zip(whole[1:], in_chunks[1:], strict=True)) <= atol
+
+
+def test_a_prefill_chunk_below_one_token_is_refused(base: ResidentBase) -> None:
+    with pytest.raises(ValueError, match="prefill_chunk_tokens is 0; it must be at least 1"):
+        Engine(base, prefill_chunk_tokens=0)
 
 
 def test_a_bad_request_is_refused_at_admission_and_the_batch_runs_on(

@@ -120,7 +120,7 @@ class BaseWorker:
         self.trainer = Trainer(
             base, max_live_policies=max_live_policies, pass_token_budget=train_pass_tokens
         )
-        self.engine = Engine(base, max_batch_rows=config.max_batch_rows)
+        self.engine = Engine(base, config.max_batch_rows, config.prefill_chunk_tokens)
         self.stats = ServeStats()
         self.host_cache = HostCache(config.host_cache_bytes)
         self.bank = SlotBank(base, config.num_slots, config.max_slot_rank)

@@ -23,6 +23,11 @@ MIB = 1 << 20
 class EngineConfig:
     #: Rows (samples) decoding together at most.
     max_batch_rows: int = field(default=64, metadata={"env": "MINT_MAX_BATCH_ROWS", "min": 1})
+    #: Padded prompt tokens fed per step to rows joining the batch; a longer prefill is
+    #: spread over several steps so the rows already decoding keep sampling meanwhile.
+    prefill_chunk_tokens: int = field(
+        default=512, metadata={"env": "MINT_PREFILL_CHUNK_TOKENS", "min": 1}
+    )
     #: Device-resident adapter positions; a batch can use at most this many adapters.
     num_slots: int = field(default=8, metadata={"env": "MINT_SLOTS", "min": 1})
     #: Highest LoRA rank a slot holds; slots are stacked per rank class (powers of two up

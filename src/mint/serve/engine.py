@@ -4,12 +4,15 @@ Each request is expanded into one row per sample. A `DecodeBatch` holds the rows
 together, at most `max_batch_rows` of them; requests join and leave it between decode steps.
 Joining rows are prefilled on their own (left-padded prompts, an attention mask and explicit
 position ids make the padding invisible) and their key/value cache is then left-padded to the
-running batch's length and appended to it. Rows whose revision sits in a slot are served from
-the slot bank's stacks: the batch keeps its rows ordered by (rank class, slot), so one
-segmented matmul per stack and module covers every such row, whatever the number of distinct
-adapters (`mint.models.lora.SlotRows`). An adapter given as tensors of its own (not placed) is
-bound to its rows one adapter at a time; rows without one see the plain base. Rows that stop
-leave the batch (cache included) before the next step.
+running batch's length and appended to it. A prefill is cut into chunks of at most
+`prefill_chunk_tokens` padded tokens, one chunk per step, so a long prompt delays the rows
+already decoding by one chunk's work per token instead of by its whole prefill. Rows whose
+revision sits in a slot are served from the slot bank's stacks: the batch keeps its rows
+ordered by (rank class, slot), so one segmented matmul per stack and module covers every
+such row, whatever the number of distinct adapters (`mint.models.lora.SlotRows`). An adapter
+given as tensors of its own (not placed) is bound to its rows one adapter at a time; rows
+without one see the plain base. Rows that stop leave the batch (cache included) before the
+next step.
 
 What a returned logprob means is defined in `mint.serve.sampling`. Only the base's worker
 thread calls the engine, so it holds no locks.
@@ -145,6 +148,20 @@ class _Batch:
 
 
 @dataclass
+class _Prefill:
+    """Rows whose prompts are being fed, `done` padded columns so far."""
+
+    batch: _Batch
+    ids: torch.Tensor  # [rows, width], left-padded prompts
+    mask: torch.Tensor  # [rows, width]
+    positions: torch.Tensor  # [rows, width]
+    every_position: bool
+    done: int = 0
+    #: Each chunk's logits, kept only when a row asks for prompt logprobs.
+    logits: list[torch.Tensor] = field(default_factory=list)
+
+
+@dataclass
 class Tick:
     """What one decode step produced."""
 
@@ -157,13 +174,21 @@ class Tick:
 class Engine:
     """Samples from one resident base, serving several adapters in one batch."""
 
-    def __init__(self, base: ResidentBase, max_batch_rows: int = 64) -> None:
+    def __init__(
+        self, base: ResidentBase, max_batch_rows: int = 64, prefill_chunk_tokens: int = 512
+    ) -> None:
         if max_batch_rows < 1:
             raise UserError(
                 f"max_batch_rows is {max_batch_rows}; it must be at least 1; use 1 or more rows"
             )
+        if prefill_chunk_tokens < 1:
+            raise UserError(
+                f"prefill_chunk_tokens is {prefill_chunk_tokens}; it must be at least 1; use "
+                "1 or more tokens"
+            )
         self.base = base
         self.max_batch_rows = max_batch_rows
+        self.prefill_chunk_tokens = prefill_chunk_tokens
         tokenizer = base.tokenizer
         pad = getattr(tokenizer, "pad_token_id", None)
         eos = base.eos_token_ids
@@ -221,7 +246,7 @@ class Engine:
         ]
         return SampleResult(sequences=sequences, prompt_logprobs=rows[0].prompt_logprobs)
 
-    def _prefill(self, rows: list[_Row]) -> _Batch:
+    def _start_prefill(self, rows: list[_Row]) -> _Prefill:
         device = self.base.device
         rows = sorted(rows, key=_slot_order)
         width = max(len(row.prompt) for row in rows)
@@ -234,7 +259,7 @@ class Engine:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         batch = _Batch(
             rows=rows,
-            mask=mask,
+            mask=mask[:, :0],
             last_position=positions[:, -1:],
             params=RowParams.build(
                 [row.params for row in rows],
@@ -245,11 +270,35 @@ class Engine:
             cache=DynamicCache(config=self.base.model.config),  # type: ignore[arg-type]
         )
         every_position = any(row.wants_prompt_logprobs for row in rows)
-        logits = self._forward(batch, ids, positions, every_position)
-        if every_position:
-            self._fill_prompt_logprobs(rows, logits)
+        return _Prefill(batch, ids, mask, positions, every_position)
+
+    def _prefill_chunk(self, prefill: _Prefill) -> bool:
+        """Feed the next chunk of the prompts; True once the whole prompts are in (the
+        batch then holds the logits its rows sample their first token from)."""
+        batch = prefill.batch
+        width = prefill.ids.shape[1]
+        chunk = max(1, self.prefill_chunk_tokens // len(batch.rows))
+        start, stop = prefill.done, min(width, prefill.done + chunk)
+        batch.mask = prefill.mask[:, :stop]
+        ids, positions = prefill.ids[:, start:stop], prefill.positions[:, start:stop]
+        logits = self._forward(batch, ids, positions, prefill.every_position)
+        prefill.done = stop
+        if prefill.every_position:
+            prefill.logits.append(logits)
+        if stop < width:
+            return False
+        if prefill.every_position:
+            self._fill_prompt_logprobs(batch.rows, torch.cat(prefill.logits, dim=1))
+            prefill.logits.clear()
         batch.logits = logits[:, -1, :]
-        return batch
+        return True
+
+    def _prefill(self, rows: list[_Row]) -> _Batch:
+        """Prefill `rows` to the end, chunk after chunk."""
+        prefill = self._start_prefill(rows)
+        while not self._prefill_chunk(prefill):
+            pass
+        return prefill.batch
 
     def _advance(self, batch: _Batch, tokens: list[int]) -> None:
         """Feed each row's newest token; leave the next logits on the batch."""
@@ -345,14 +394,15 @@ class Engine:
 class DecodeBatch:
     """The rows of one engine that decode together; requests join and leave between steps.
 
-    `admit` queues a request's rows; each `step` first prefills queued rows into the free
-    places, then samples one token for every row, lets finished rows leave, and feeds the
-    survivors' tokens forward.
+    `admit` queues a request's rows; each `step` first feeds one prefill chunk of rows
+    joining the free places (they join once their prompts are in), then samples one token
+    for every running row, lets finished rows leave, and feeds the survivors' tokens forward.
     """
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self._waiting: deque[_Row] = deque()
+        self._prefilling: _Prefill | None = None
         self._running: _Batch | None = None
         self._rows_left: dict[int, int] = {}
         self._rows_of: dict[int, list[_Row]] = {}
@@ -365,8 +415,12 @@ class DecodeBatch:
 
     @property
     def load(self) -> int:
-        """Rows decoding now plus rows queued to join."""
-        return self.rows + len(self._waiting)
+        """Rows decoding now plus rows prefilling or queued to join."""
+        return self.rows + self._prefilling_rows + len(self._waiting)
+
+    @property
+    def _prefilling_rows(self) -> int:
+        return 0 if self._prefilling is None else len(self._prefilling.batch.rows)
 
     def adapter_keys(self) -> set[str]:
         """Keys of the adapters the running rows use."""
@@ -412,11 +466,15 @@ class DecodeBatch:
         return Tick(sampled, finished)
 
     def _join(self) -> None:
-        free = self.engine.max_batch_rows - self.rows
-        if not self._waiting or free <= 0:
+        if self._prefilling is None:
+            free = self.engine.max_batch_rows - self.rows
+            if not self._waiting or free <= 0:
+                return
+            joining = [self._waiting.popleft() for _ in range(min(free, len(self._waiting)))]
+            self._prefilling = self.engine._start_prefill(joining)
+        if not self.engine._prefill_chunk(self._prefilling):
             return
-        joining = [self._waiting.popleft() for _ in range(min(free, len(self._waiting)))]
-        fresh = self.engine._prefill(joining)
+        fresh, self._prefilling = self._prefilling.batch, None
         if self._running is None:
             self._running = fresh
         else:
