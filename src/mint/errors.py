@@ -104,6 +104,12 @@ class RequestLost(MintError):
     category = "server"
 
 
+class Cancelled(UserError):
+    """A request its caller gave up on (a stream whose client disconnected)."""
+
+    code = "cancelled"
+
+
 class JobFailed(MintError, RuntimeError):
     code = "job_failed"
 
@@ -124,6 +130,8 @@ HTTP_STATUS_BY_CODE: dict[str, int] = {
     "busy": 429,
     "job_quota_exceeded": 429,
     "request_lost": 410,
+    # The status servers log for a client that closed its request; nobody is left to read it.
+    "cancelled": 499,
     "job_failed": 500,
     "internal": 500,
 }

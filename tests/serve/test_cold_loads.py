@@ -14,7 +14,7 @@ from tests.serve.conftest import Revisions
 from mint.catalog.records import RevisionRecord
 from mint.control.futures import JobFuture, JsonResult, Result
 from mint.control.worker import BaseWorker, SampleJob
-from mint.errors import Busy, InvalidAdapter, UserError
+from mint.errors import Busy, Cancelled, InvalidAdapter, UserError
 from mint.models.base import ResidentBase
 from mint.serve import AdapterRef, Engine, SampleRequest, SampleResult, SamplingParams
 from mint.serve.config import EngineConfig
@@ -362,3 +362,40 @@ def test_the_pacer_share_must_be_a_fraction_of_the_time() -> None:
         "engine configuration refused: cold_load_share_percent is 101; it is a share of the "
         "time; use at most 100"
     )
+
+
+def test_cancelled_jobs_leave_the_batch_and_give_back_their_slots(
+    make_worker: WorkerFactory, revisions: Revisions, reader: Reader
+) -> None:
+    worker = make_worker(num_slots=2, max_slot_rank=4)
+    warm, cold = revisions.export("pol-warm", 1), revisions.export("pol-cold", 2)
+    first = Job(warm, [1, 2], 1)
+    worker.submit_sample(first.job)
+    first.wait()  # warm is placed now
+    hold = threading.Event()
+    decoding = Job(warm, [3, 4], 400, hold=hold)
+    worker.submit_sample(decoding.job)
+    assert decoding.started.wait(WAIT_S)  # the worker is held inside the batch's first step
+    reader.gate.clear()  # the cold revision's read waits: its job stays queued
+    queued = Job(cold, [5], 3)
+    worker.submit_sample(queued.job)
+    worker.cancel(queued.job.future)
+    with pytest.raises(Cancelled, match="cancelled by its caller"):
+        queued.job.future.inner.result(timeout=WAIT_S)
+    worker.cancel(decoding.job.future)
+    hold.set()
+    with pytest.raises(Cancelled):
+        decoding.job.future.inner.result(timeout=WAIT_S)
+    reader.gate.set()
+    after = Job(cold, [6], 2)
+    worker.submit_sample(after.job)
+    assert len(after.wait().sequences[0].tokens) == 2  # the engine serves on
+    deadline = time.monotonic() + WAIT_S
+    while worker.running_rows() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert worker.running_rows() == 0
+    # No slot keeps a reference for a cancelled job: both are free to evict.
+    assert sorted(worker.bank.snapshot()) == [
+        ("pol-cold@1", "ready", 0, False),
+        ("pol-warm@1", "ready", 0, False),
+    ]

@@ -118,3 +118,35 @@ def test_a_bad_request_is_refused_at_admission_and_the_batch_runs_on(
     while batch.load:
         finished.update(batch.step().finished)
     assert list(finished) == [good] and len(finished[good].sequences[0].tokens) == 3
+
+
+def test_cancelled_requests_leave_wherever_they_are_and_the_rest_run_on(
+    base: ResidentBase, engine: Engine, adapters: list[AdapterRef], atol: float
+) -> None:
+    chunked = Engine(base, max_batch_rows=3, prefill_chunk_tokens=24)
+    kept = SampleRequest([5, 6, 7], greedy(12), adapter=adapters[0])
+    decoding = SampleRequest([9, 8], greedy(12), num_samples=2, adapter=adapters[1])
+    prefilling = SampleRequest(list(range(30, 70)), greedy(5), num_samples=2,
+                               adapter=adapters[2])  # fmt: skip
+    queued = SampleRequest([1, 2, 3], greedy(5))  # no place left: it waits
+    batch = chunked.batch()
+    kept_id, decoding_id = batch.admit(kept), batch.admit(decoding)
+    batch.step()
+    assert batch.rows == 3
+    done: dict[int, SampleResult] = {}
+    done.update(batch.step().finished)
+    assert batch.cancel(decoding_id)  # both its rows leave before the next token
+    tick = batch.step()
+    assert {request for request, *_ in tick.sampled} == {kept_id} and batch.rows == 1
+    prefilling_id, queued_id = batch.admit(prefilling), batch.admit(queued)
+    batch.step()  # the first 12 of the 40 prompt tokens of both prefilling rows
+    assert (batch.rows, batch.load) == (1, 4)
+    assert batch.cancel(queued_id) and batch.cancel(prefilling_id)
+    assert batch.load == 1
+    while batch.load:
+        tick = batch.step()
+        assert {request for request, *_ in tick.sampled} == {kept_id}
+        done.update(tick.finished)
+    assert list(done) == [kept_id]
+    assert_same_result(done[kept_id], engine.generate([kept])[0], atol)
+    assert not batch.cancel(kept_id) and not batch.cancel(decoding_id)

@@ -562,6 +562,12 @@ class Service:
             raise
         return future
 
+    def cancel_sample(self, base_id: str, future: JobFuture) -> None:
+        """Stop a sample request submitted with `submit_sample` whose caller went away."""
+        worker = self.workers().get(base_id)
+        if worker is not None:
+            worker.cancel(future)
+
     def _revision_for(self, sampler: Sampler) -> RevisionRecord | None:
         if sampler.policy_id is None:
             return None

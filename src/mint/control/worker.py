@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from mint.catalog.records import RevisionRecord
 from mint.control.futures import JobFuture, Result
-from mint.errors import Busy, MintError
+from mint.errors import Busy, Cancelled, MintError
 from mint.models.base import ResidentBase
 from mint.serve.config import EngineConfig
 from mint.serve.engine import DecodeBatch, Engine, Tick
@@ -132,6 +132,8 @@ class BaseWorker:
         self._in_batch: dict[int, SampleJob] = {}
         self._train_jobs: deque[TrainJob] = deque()
         self._sample_jobs: deque[SampleJob] = deque()
+        #: Futures of jobs to take out of the batch at the next step (see `cancel`).
+        self._cancels: list[JobFuture] = []
         self._wake = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(
@@ -162,6 +164,36 @@ class BaseWorker:
         with self._wake:
             self._sample_jobs.append(job)
             self._wake.notify()
+
+    def cancel(self, future: JobFuture) -> None:
+        """Stop the sample job of `future` (its caller went away): a queued job ends now, a
+        job in the batch leaves it at the worker's next step; its slot reference is given
+        back either way and its future fails with `Cancelled`. A finished job is left as
+        it is."""
+        with self._wake:
+            queued = next((job for job in self._sample_jobs if job.future is future), None)
+            if queued is not None:
+                self._sample_jobs.remove(queued)
+            else:
+                self._cancels.append(future)
+                self._wake.notify()
+        if queued is not None:
+            self._end(queued, error=Cancelled("the sample request was cancelled by its caller"))
+
+    def _release_loaded(self, slot: concurrent.futures.Future[int]) -> None:
+        if not slot.cancelled() and slot.exception() is None:
+            self.bank.release(slot.result())
+
+    def _apply_cancels(self) -> None:
+        """On the worker thread, between steps: cancelled jobs in the batch leave it."""
+        with self._wake:
+            cancels, self._cancels = self._cancels, []
+        for future in cancels:
+            found = [rid for rid, job in self._in_batch.items() if job.future is future]
+            for request_id in found:  # none when the job finished meanwhile
+                self._batch.cancel(request_id)
+                job = self._in_batch.pop(request_id)
+                self._end(job, error=Cancelled("the sample request was cancelled by its caller"))
 
     def queued_samples(self) -> int:
         with self._wake:
@@ -207,6 +239,7 @@ class BaseWorker:
                 steps_in_turn = 0
                 continue
             self._join(joining)
+            self._apply_cancels()
             self.loader.pacer.decoding(True)
             self._tick()
             self.loader.pacer.decoding(self._batch.load > 0)
@@ -361,8 +394,10 @@ class BaseWorker:
         if job.slot_index is not None:
             self.bank.release(job.slot_index)
             job.slot_index = None
-        elif job.slot is not None and job.slot.done() and job.slot.exception() is None:
-            self.bank.release(job.slot.result())
+        elif job.slot is not None:
+            # A load still running holds a reference for this job once it lands: give it
+            # back then (a job ended while its revision loads would otherwise pin the slot).
+            job.slot.add_done_callback(self._release_loaded)
         job.slot = None
         if error is not None:
             job.future.set_error(error)

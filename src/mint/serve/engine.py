@@ -442,10 +442,38 @@ class DecodeBatch:
         self._waiting.extend(rows)
         return request_id
 
+    def cancel(self, request_id: int) -> bool:
+        """Stop request `request_id` wherever it is and forget it: its queued rows leave at
+        once, its prefilling or decoding rows before the next token is sampled. It is
+        never reported as finished. False when the request is not (or no longer) here."""
+        rows = self._rows_of.pop(request_id, None)
+        if rows is None:
+            return False
+        del self._rows_left[request_id]
+        for row in rows:
+            row.stop_reason = "cancelled"
+        self._waiting = deque(row for row in self._waiting if row.request != request_id)
+        prefill = self._prefilling
+        if prefill is not None and all(row.stop_reason for row in prefill.batch.rows):
+            self._prefilling = None  # nobody is left to feed
+        return True
+
+    def _drop_cancelled(self) -> None:
+        """Running rows that stopped before sampling were cancelled: they leave now."""
+        batch = self._running
+        if batch is None:
+            return
+        survivors = [i for i, row in enumerate(batch.rows) if row.stop_reason is None]
+        if not survivors:
+            self._running = None
+        elif len(survivors) < len(batch.rows):
+            batch.keep(survivors)
+
     @torch.inference_mode()
     def step(self) -> Tick:
         """One decode step for every row (joining queued rows first)."""
         self._join()
+        self._drop_cancelled()
         batch = self._running
         if batch is None:
             return Tick([], [])
