@@ -181,6 +181,7 @@ def test_a_full_cold_queue_is_429_with_retry_after(
     assert answer.status_code == 429
     assert int(answer.headers["Retry-After"]) >= 1
     assert answer.json()["error"]["code"] == "busy"
+    assert answer.headers["x-should-retry"] == "true"
     service.close("success").result()
 
 
@@ -193,3 +194,103 @@ def test_text_stream_holds_back_what_may_start_a_stop_string() -> None:
     assert stream.push(5, -0.1) == "" and stream.flush() == ""
     plain = TextStream(lambda ts: "".join(pieces[t] for t in ts), stops=[])
     assert [plain.push(t, 0.0) for t in (1, 2, 3)] == ["he", "l", "lo"]
+
+
+def wire_message(error: openai.APIStatusError) -> str:
+    """The message as the server sent it (the client's own message prefixes the status)."""
+    assert isinstance(error.body, dict)
+    return str(error.body["message"])
+
+
+def test_refusals_have_openai_error_shape_so_the_client_raises_typed_errors(
+    live_server: LiveServer, client: openai.OpenAI, trained: Trained
+) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.completions.create(model=trained.policy, prompt="x", max_tokens=2, n=0)
+    assert caught.value.status_code == 400 and caught.value.code == "malformed_request"
+    assert caught.value.param == "n"
+    assert wire_message(caught.value) == (
+        "request body does not match the OpenAI API: body.n: Input should be greater than or "
+        "equal to 1; fix those fields (see the API reference of this endpoint)"
+    )
+    anonymous = openai.OpenAI(base_url=f"{live_server.url}/v1", api_key="tml-no", max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as denied:
+        anonymous.models.list()
+    assert denied.value.status_code == 401 and denied.value.code == "unauthenticated"
+    broken = httpx.post(
+        f"{live_server.url}/v1/chat/completions",
+        content=b'{"model": ',
+        headers={"Authorization": f"Bearer {API_KEY}", "content-type": "application/json"},
+        timeout=30,
+    )
+    assert broken.status_code == 400 and broken.headers["x-should-retry"] == "false"
+    error = broken.json()["error"]
+    assert (error["type"], error["code"], error["param"]) == (
+        "invalid_request_error",
+        "malformed_request",
+        None,
+    )
+    assert error["message"].startswith("request body does not match the OpenAI API: body.10:")
+
+
+def test_empty_prompts_chats_and_infinite_temperatures_are_refused(
+    client: openai.OpenAI, trained: Trained
+) -> None:
+    with pytest.raises(openai.BadRequestError) as no_prompt:
+        client.completions.create(model=trained.policy, prompt=[], max_tokens=2)
+    assert no_prompt.value.code == "invalid_request"
+    assert wire_message(no_prompt.value) == (
+        "prompt is an empty list, which asks for no completion at all; send a string, a list "
+        "of token ids, or a non-empty list of strings or of token-id lists"
+    )
+    with pytest.raises(openai.BadRequestError) as no_messages:
+        client.chat.completions.create(model=trained.policy, messages=[], max_tokens=2)
+    assert no_messages.value.code == "invalid_request"
+    assert wire_message(no_messages.value) == (
+        "messages is an empty list; a chat needs at least one message; send e.g. "
+        '[{"role": "user", "content": "..."}]'
+    )
+    # The openai client refuses to encode infinity; other clients send it as Python's json does.
+    hot = httpx.post(
+        f"{client.base_url}completions",
+        content=f'{{"model": "{trained.policy}", "prompt": "x", "temperature": Infinity}}',
+        headers={"Authorization": f"Bearer {API_KEY}", "content-type": "application/json"},
+        timeout=30,
+    )
+    assert hot.status_code == 400 and hot.json()["error"]["code"] == "invalid_request"
+    assert hot.json()["error"]["message"] == (
+        "request 0: temperature is inf; it must be 0 (greedy) or a finite positive number; "
+        "use a temperature >= 0 such as 1"
+    )
+
+
+def test_a_null_message_content_reads_as_empty(client: openai.OpenAI, trained: Trained) -> None:
+    messages: list[dict[str, object]] = [
+        {"role": "user", "content": "count: "},
+        {"role": "assistant", "content": None},
+        {"role": "user", "content": "again"},
+    ]
+    empty = [{**m, "content": m["content"] or ""} for m in messages]
+    answers = [
+        client.chat.completions.create(
+            model=trained.policy,
+            messages=chat,
+            max_tokens=4,
+            temperature=0,  # type: ignore[arg-type]
+        )
+        for chat in (messages, empty)
+    ]
+    assert answers[0].choices[0].message.content == answers[1].choices[0].message.content
+    assert answers[0].usage == answers[1].usage
+
+
+def test_models_retrieve_answers_one_model_or_not_found(
+    client: openai.OpenAI, trained: Trained
+) -> None:
+    policy = client.models.retrieve(trained.policy)
+    assert (policy.id, policy.owned_by) == (trained.policy, "alpha")
+    assert client.models.retrieve(TINY).id == TINY
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.models.retrieve(f"{trained.policy}:nope")
+    assert caught.value.code == "not_found"
+    assert "GET /v1/models" in wire_message(caught.value)

@@ -48,8 +48,13 @@ def with_params(**fields: object) -> SampleRequest:
         ),
         (
             with_params(temperature=-0.5),
-            "request 1: temperature is -0.5; it must be 0 (greedy) or positive; "
-            "use a temperature >= 0",
+            "request 1: temperature is -0.5; it must be 0 (greedy) or a finite positive "
+            "number; use a temperature >= 0 such as 1",
+        ),
+        (
+            with_params(temperature=float("inf")),
+            "request 1: temperature is inf; it must be 0 (greedy) or a finite positive "
+            "number; use a temperature >= 0 such as 1",
         ),
         (
             with_params(top_p=0.0),

@@ -26,12 +26,13 @@ from typing import Any, Literal
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, StreamingResponse
+from jinja2 import TemplateError
 from pydantic import BaseModel, ConfigDict, Field
 
 from mint.catalog.records import RevisionRecord
 from mint.control.futures import JsonResult, Result
 from mint.control.service import Service
-from mint.errors import MintError, UserError, http_status_for
+from mint.errors import Busy, MintError, NotFound, UserError, http_status_for
 from mint.serve.types import SampleRequest, SampleResult, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -198,6 +199,11 @@ def _max_tokens(service: Service, base_id: str, asked: int | None, default: int,
 
 
 def _chat_prompt(tokenizer: Any, messages: list[ChatMessage]) -> list[int]:
+    if not messages:
+        raise UserError(
+            "messages is an empty list; a chat needs at least one message; send e.g. "
+            '[{"role": "user", "content": "..."}]'
+        )
     if not getattr(tokenizer, "chat_template", None):
         raise UserError(
             "this base's tokenizer has no chat template, so chat messages cannot be turned "
@@ -206,17 +212,29 @@ def _chat_prompt(tokenizer: Any, messages: list[ChatMessage]) -> list[int]:
     plain = [
         {
             "role": m.role,
+            # A null content (an assistant turn that only called tools) renders as empty.
             "content": m.content
-            if isinstance(m.content, str) or m.content is None
-            else "".join(str(part.get("text", "")) for part in m.content),
+            if isinstance(m.content, str)
+            else "".join(str(part.get("text", "")) for part in m.content or []),
         }
         for m in messages
     ]
-    text = tokenizer.apply_chat_template(plain, add_generation_prompt=True, tokenize=False)
+    try:
+        text = tokenizer.apply_chat_template(plain, add_generation_prompt=True, tokenize=False)
+    except (TemplateError, ValueError) as error:  # the template's own refusal of the chat
+        raise UserError(
+            f"this base's chat template refuses the messages: {error}; send messages the "
+            "template accepts (roles system, user and assistant, in turn)"
+        ) from None
     return list(tokenizer.encode(text, add_special_tokens=False))
 
 
 def _completion_prompts(tokenizer: Any, prompt: Any) -> list[list[int]]:
+    if isinstance(prompt, list) and not prompt:
+        raise UserError(
+            "prompt is an empty list, which asks for no completion at all; send a string, a "
+            "list of token ids, or a non-empty list of strings or of token-id lists"
+        )
     if isinstance(prompt, str):
         return [list(tokenizer.encode(prompt, add_special_tokens=False))]
     if prompt and all(isinstance(p, int) for p in prompt):
@@ -230,13 +248,18 @@ def _completion_prompts(tokenizer: Any, prompt: Any) -> list[list[int]]:
 # ------------------------------------------------------------------------------ answers
 
 
-def _openai_error(error: MintError) -> JSONResponse:
+def openai_error(error: MintError, param: str | None = None) -> JSONResponse:
+    """An error in OpenAI's shape, so the `openai` client raises the typed error with its
+    code; back-pressure carries Retry-After and `x-should-retry`, which the client obeys."""
     status = http_status_for(error)
     kind = "invalid_request_error" if error.category == "user" else "server_error"
-    headers = {}
-    if error.code == "busy":
-        headers["Retry-After"] = str(max(1, round(getattr(error, "retry_after_s", 1))))
-    body = {"error": {"message": error.message, "type": kind, "code": error.code, "param": None}}
+    headers = {"x-should-retry": "false"}
+    if isinstance(error, Busy):
+        headers = {
+            "x-should-retry": "true",
+            "Retry-After": str(max(1, round(error.retry_after_s))),
+        }
+    body = {"error": {"message": error.message, "type": kind, "code": error.code, "param": param}}
     return JSONResponse(body, status, headers=headers)
 
 
@@ -514,13 +537,26 @@ def add_openai_routes(app: FastAPI, service: Service, Tenant: Any) -> None:
         entries = await asyncio.to_thread(_model_entries, service, tenant)
         return {"object": "list", "data": entries}
 
+    @app.get("/v1/models/{model:path}")
+    async def model(model: str, tenant: Tenant) -> Any:
+        entries = await asyncio.to_thread(_model_entries, service, tenant)
+        for entry in entries:
+            if entry["id"] == model:
+                return entry
+        return openai_error(
+            NotFound(
+                f"model {model!r} is no base, policy or policy:alias of yours; list the names "
+                "you can use with GET /v1/models"
+            )
+        )
+
     @app.post("/v1/completions", response_model=None)
     async def completions(body: CompletionBody, tenant: Tenant) -> Any:
         try:
             plan = await asyncio.to_thread(_plan_completion, service, tenant, body)
             return await _run(service, tenant, plan, body.stream)
         except MintError as error:
-            return _openai_error(error)
+            return openai_error(error)
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(body: ChatBody, tenant: Tenant) -> Any:
@@ -528,4 +564,4 @@ def add_openai_routes(app: FastAPI, service: Service, Tenant: Any) -> None:
             plan = await asyncio.to_thread(_plan_chat, service, tenant, body)
             return await _run(service, tenant, plan, body.stream)
         except MintError as error:
-            return _openai_error(error)
+            return openai_error(error)

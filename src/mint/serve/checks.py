@@ -4,6 +4,7 @@ batch halfway. Each problem is worded as: the value, the rule, the fix."""
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 
@@ -60,10 +61,10 @@ def params_problems(base: ResidentBase, params: SamplingParams) -> list[str]:
         problems.append(
             f"max_tokens is {params.max_tokens}; it must be at least 1; ask for 1 or more tokens"
         )
-    if not params.temperature >= 0:
+    if not 0 <= params.temperature < math.inf:
         problems.append(
-            f"temperature is {params.temperature}; it must be 0 (greedy) or positive; "
-            "use a temperature >= 0"
+            f"temperature is {params.temperature}; it must be 0 (greedy) or a finite "
+            "positive number; use a temperature >= 0 such as 1"
         )
     if not 0 < params.top_p <= 1:
         problems.append(
