@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
+from collections import OrderedDict
 
 import torch
 
@@ -16,7 +18,7 @@ log = logging.getLogger(__name__)
 
 SEED_MIN = -(2**63)
 SEED_MAX = 2**64 - 1
-#: How many bad token ids one problem lists before it only counts the rest.
+#: How many bad token ids (or damaged tensors) one problem lists before it counts the rest.
 SHOWN_TOKENS = 5
 
 
@@ -138,6 +140,50 @@ def adapter_problems(base: ResidentBase, adapter: AdapterRef) -> list[str]:
     return problems
 
 
+class FiniteAdapterKeys:
+    """Keys of adapters whose tensors were found finite. Equal keys mean the same immutable
+    tensors, so each adapter is scanned once, not on every request that uses it."""
+
+    def __init__(self, capacity: int = 4096) -> None:
+        self.capacity = capacity
+        self._keys: OrderedDict[str, None] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __contains__(self, key: object) -> bool:
+        with self._lock:
+            return key in self._keys
+
+    def add(self, key: str) -> None:
+        with self._lock:
+            self._keys[key] = None
+            while len(self._keys) > self.capacity:
+                self._keys.popitem(last=False)
+
+
+FINITE_ADAPTERS = FiniteAdapterKeys()
+
+
+def nonfinite_problems(adapter: AdapterRef) -> list[str]:
+    """NaN or infinite adapter entries turn a row's logits into NaN, and one NaN row makes
+    the draw of its whole batch fail, so such an adapter never reaches a forward pass."""
+    if adapter.key in FINITE_ADAPTERS:
+        return []
+    paths = sorted(adapter.tensors)
+    flags = [torch.isfinite(t).all() for path in paths for t in adapter.tensors[path]]
+    finite = torch.stack(flags).tolist() if flags else []  # one device sync for all of them
+    bad = [f"{path} {part}" for i, path in enumerate(paths) for j, part in enumerate("AB")
+           if not finite[2 * i + j]]  # fmt: skip
+    if not bad:
+        FINITE_ADAPTERS.add(adapter.key)
+        return []
+    more = f" and {len(bad) - SHOWN_TOKENS} more" if len(bad) > SHOWN_TOKENS else ""
+    return [
+        f"tensors {', '.join(bad[:SHOWN_TOKENS])}{more} hold NaN or infinite values; the "
+        "revision is damaged (or its training diverged); sample another revision, or train "
+        "from a finite state and export again"
+    ]
+
+
 def check_requests(base: ResidentBase, requests: list[SampleRequest]) -> None:
     """Raise one `UserError` listing every bad request, then `InvalidAdapter` for a bad
     adapter; return quietly when the whole list can run."""
@@ -154,6 +200,7 @@ def check_requests(base: ResidentBase, requests: list[SampleRequest]) -> None:
         if adapter is None or adapter.key in checked:
             continue
         found = adapter_problems(base, adapter)
+        found = found or nonfinite_problems(adapter)
         if found:
             raise InvalidAdapter(found, subject=f"adapter {adapter.key}")
         checked.add(adapter.key)
