@@ -10,6 +10,7 @@ import httpx
 import openai
 import pytest
 import tinker
+import torch
 from tests.api.conftest import API_KEY, OTHER_KEY, TINY, LiveServer
 from tinker import types
 
@@ -259,7 +260,7 @@ def test_empty_prompts_chats_and_infinite_temperatures_are_refused(
     )
     assert hot.status_code == 400 and hot.json()["error"]["code"] == "invalid_request"
     assert hot.json()["error"]["message"] == (
-        "request 0: temperature is inf; it must be 0 (greedy) or a finite positive number; "
+        "temperature is inf; it must be 0 (greedy) or a finite positive number; "
         "use a temperature >= 0 such as 1"
     )
 
@@ -293,4 +294,73 @@ def test_models_retrieve_answers_one_model_or_not_found(
     with pytest.raises(openai.NotFoundError) as caught:
         client.models.retrieve(f"{trained.policy}:nope")
     assert caught.value.code == "not_found"
-    assert "GET /v1/models" in wire_message(caught.value)
+    assert wire_message(caught.value).startswith(
+        f"revision 'nope' not found on policy '{trained.policy}': it is no alias"
+    )
+
+
+def test_unsupported_fields_are_refused_unless_they_are_off(
+    client: openai.OpenAI, trained: Trained
+) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(
+            model=trained.policy, messages=[{"role": "user", "content": "x"}], max_tokens=2,
+            frequency_penalty=1.5, tools=[{"type": "function", "function": {"name": "f"}}],
+        )  # fmt: skip
+    assert caught.value.code == "invalid_request"
+    assert wire_message(caught.value) == (
+        "frequency_penalty is 1.5, which this server does not support: repetition penalties "
+        "are not applied; send 0; tools is [{'type': 'function', 'function': {'name': 'f'}}], "
+        "which this server does not support: tool calls are not parsed; describe tools in the "
+        "messages"
+    )
+    off = client.completions.create(
+        model=trained.policy, prompt="x", max_tokens=2, frequency_penalty=0,
+        presence_penalty=0, logit_bias={}, best_of=1,
+    )  # fmt: skip
+    assert len(off.choices) == 1
+
+
+def test_a_bad_later_prompt_is_named_by_its_index_before_anything_runs(
+    client: openai.OpenAI, trained: Trained
+) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.completions.create(model=trained.policy, prompt=[[1, 2], [900]], max_tokens=2)
+    assert wire_message(caught.value) == (
+        "prompt 1: prompt token ids 900 at position 0 are outside the vocabulary of "
+        "mint-test/tiny-llama (ids 0 to 258); tokenize with that base's tokenizer"
+    )
+
+
+def test_models_retrieve_takes_a_revision_too(client: openai.OpenAI, trained: Trained) -> None:
+    pinned = client.models.retrieve(f"{trained.policy}@1")
+    assert (pinned.id, pinned.owned_by) == (f"{trained.policy}@1", "alpha")
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.models.retrieve(f"{trained.policy}@99")
+    assert caught.value.code == "not_found"
+
+
+def test_a_failure_after_the_stream_started_is_a_typed_error_event(
+    live_server: LiveServer, client: openai.OpenAI
+) -> None:
+    service = tinker.ServiceClient(base_url=live_server.url, api_key=API_KEY)
+    training = service.create_lora_training_client(base_model=TINY, rank=2, seed=5).result()
+    training.save_weights_for_sampler("finite").result()
+    catalog = live_server.service.catalog
+    revision = catalog.resolve("alpha", training.model_id, "finite")
+    tensors = catalog.read_revision_tensors(revision)
+    path = sorted(tensors)[0]
+    tensors[path] = (torch.full_like(tensors[path][0], float("nan")), tensors[path][1])
+    catalog.export_revision("alpha", training.model_id, "damaged", tensors, 1)
+    stream = client.completions.create(
+        model=f"{training.model_id}@damaged", prompt="x", max_tokens=2, stream=True
+    )
+    with pytest.raises(openai.APIError) as caught:
+        list(stream)
+    assert caught.value.code == "invalid_adapter"
+    assert caught.value.message.endswith(
+        f"rejected (1 problem(s)): tensors {path} A hold NaN or infinite values; the revision "
+        "is damaged (or its training diverged); sample another revision, or train from a "
+        "finite state and export again"
+    )
+    service.close("success").result()

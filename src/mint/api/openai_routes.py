@@ -9,6 +9,10 @@ Stop strings follow OpenAI: the returned text ends before the first stop string.
 streaming, text that could still turn out to start a stop string is held back until it
 cannot. Reported logprobs are those of the distribution each token was sampled from.
 
+Fields OpenAI defines but this server does not implement (penalties, logit_bias, tools,
+response_format, ...) are refused by name unless they carry their "off" value
+(`UNSUPPORTED_FIELDS`), and every prompt of a request is checked before any is submitted.
+
 Known shortcoming: `top_logprobs` (alternatives per position) is refused; the engine returns
 only the sampled token's logprob. Returning the k best of the processed distribution per
 row would lift it.
@@ -32,7 +36,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from mint.catalog.records import RevisionRecord
 from mint.control.futures import JsonResult, Result
 from mint.control.service import Service
-from mint.errors import Busy, MintError, NotFound, UserError, http_status_for
+from mint.errors import Busy, MintError, UserError, http_status_for
+from mint.serve.checks import params_problems, prompt_problems
 from mint.serve.types import SampleRequest, SampleResult, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -44,8 +49,35 @@ DEFAULT_CHAT_TOKENS = 512
 MAX_CHOICES = 64
 
 
+#: OpenAI request fields this server does not implement, the values that mean "off" (which
+#: clients often send explicitly), and what to do instead. Any other value is refused rather
+#: than ignored, since ignoring it would answer something the caller did not ask for.
+UNSUPPORTED_FIELDS: tuple[tuple[str, tuple[Any, ...], str], ...] = (
+    ("frequency_penalty", (None, 0, 0.0), "repetition penalties are not applied; send 0"),
+    ("presence_penalty", (None, 0, 0.0), "repetition penalties are not applied; send 0"),
+    ("logit_bias", (None, {}), "logits are not biased; send no logit_bias"),
+    ("best_of", (None, 1), "ranking several samples is not done; ask for n samples instead"),
+    ("suffix", (None, ""), "insertion after a suffix is not done; send no suffix"),
+    ("tools", (None, []), "tool calls are not parsed; describe tools in the messages"),
+    ("functions", (None, []), "function calls are not parsed; describe them in the messages"),
+    ("tool_choice", (None, "none", "auto"), "tool calls are not parsed; send no tool_choice"),
+    ("function_call", (None, "none", "auto"), "function calls are not parsed; send none"),
+    ("response_format", (None, {"type": "text"}), "output is not constrained; ask in the prompt"),
+)
+
+
+def _unsupported_problems(body: BaseModel) -> list[str]:
+    extra = body.model_extra or {}
+    return [
+        f"{name} is {extra[name]!r}, which this server does not support: {remedy}"
+        for name, neutral, remedy in UNSUPPORTED_FIELDS
+        if name in extra and extra[name] not in neutral
+    ]
+
+
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    # Extra fields are kept (not dropped) so unsupported ones can be refused by name.
+    model_config = ConfigDict(extra="allow")
 
     model: str
     max_tokens: int | None = None
@@ -338,6 +370,22 @@ class _Plan:
         }
 
 
+def _check_plan(service: Service, plan: _Plan, body: _Body) -> _Plan:
+    """Raise one error with every problem of the request, before any of its prompts is
+    submitted (so a bad later prompt leaves no earlier one running); return the plan."""
+    base = service.worker(plan.base_id).base
+    several = len(plan.prompts) > 1
+    problems = _unsupported_problems(body) + [
+        f"prompt {index}: {problem}" if several else problem
+        for index, prompt in enumerate(plan.prompts)
+        for problem in prompt_problems(base, prompt)
+    ]
+    problems += params_problems(base, plan.params)
+    if problems:
+        raise UserError("; ".join(problems))
+    return plan
+
+
 def _plan_chat(service: Service, tenant: str, body: ChatBody) -> _Plan:
     if body.top_logprobs:
         raise UserError(
@@ -349,10 +397,11 @@ def _plan_chat(service: Service, tenant: str, body: ChatBody) -> _Plan:
     asked = body.max_completion_tokens if body.max_tokens is None else body.max_tokens
     tokens = _max_tokens(service, base_id, asked, DEFAULT_CHAT_TOKENS, len(prompt))
     usage = bool((body.stream_options or {}).get("include_usage"))
-    return _Plan(
+    plan = _Plan(
         "chat", body.model, base_id, revision, [prompt], _params(body, tokens), body.n,
         body.logprobs, usage,
     )  # fmt: skip
+    return _check_plan(service, plan, body)
 
 
 def _plan_completion(service: Service, tenant: str, body: CompletionBody) -> _Plan:
@@ -368,10 +417,11 @@ def _plan_completion(service: Service, tenant: str, body: CompletionBody) -> _Pl
     longest = max((len(p) for p in prompts), default=0)
     tokens = _max_tokens(service, base_id, body.max_tokens, DEFAULT_COMPLETION_TOKENS, longest)
     usage = bool((body.stream_options or {}).get("include_usage"))
-    return _Plan(
+    plan = _Plan(
         "completion", body.model, base_id, revision, prompts, _params(body, tokens), body.n,
         body.logprobs is not None, usage,
     )  # fmt: skip
+    return _check_plan(service, plan, body)
 
 
 def _choice(plan: _Plan, tokenizer: Any, index: int, stream: TextStream, reason: str) -> Any:
@@ -450,8 +500,12 @@ async def _events(
     failed = [c.future.inner.exception() for c in calls if c.future.inner.exception()]
     if failed:
         error = failed[0]
-        message = error.message if isinstance(error, MintError) else f"internal error: {error}"
-        yield _sse({"error": {"message": message, "type": "server_error", "code": None}})
+        if not isinstance(error, MintError):
+            log.error("sample failed mid-stream", exc_info=error)
+            error = MintError(f"internal error: {error}")
+        kind = "invalid_request_error" if error.category == "user" else "server_error"
+        body = {"message": error.message, "type": kind, "code": error.code, "param": None}
+        yield _sse({"error": body})
         yield _sse("[DONE]")
         return
     results = [call.holder[0] for call in calls]
@@ -531,6 +585,20 @@ def _model_entries(service: Service, tenant: str) -> list[dict[str, Any]]:
             return entries
 
 
+def _model_entry(service: Service, tenant: str, model: str) -> dict[str, Any]:
+    """The /v1/models entry of a listed name, or of any other name the completion routes
+    accept (`policy@revision`)."""
+    for entry in _model_entries(service, tenant):
+        if entry["id"] == model:
+            return entry
+    base_id, revision = service.resolve_model(tenant, model)
+    if revision is None:
+        return {"id": model, "object": "model", "created": 0, "owned_by": "mint"}
+    created = int(revision.created_at.timestamp())
+    return {"id": model, "object": "model", "created": created, "owned_by": tenant,
+            "root": base_id, "parent": base_id}  # fmt: skip
+
+
 def add_openai_routes(app: FastAPI, service: Service, Tenant: Any) -> None:
     @app.get("/v1/models")
     async def models(tenant: Tenant) -> dict[str, Any]:
@@ -539,16 +607,10 @@ def add_openai_routes(app: FastAPI, service: Service, Tenant: Any) -> None:
 
     @app.get("/v1/models/{model:path}")
     async def model(model: str, tenant: Tenant) -> Any:
-        entries = await asyncio.to_thread(_model_entries, service, tenant)
-        for entry in entries:
-            if entry["id"] == model:
-                return entry
-        return openai_error(
-            NotFound(
-                f"model {model!r} is no base, policy or policy:alias of yours; list the names "
-                "you can use with GET /v1/models"
-            )
-        )
+        try:
+            return await asyncio.to_thread(_model_entry, service, tenant, model)
+        except MintError as error:
+            return openai_error(error)
 
     @app.post("/v1/completions", response_model=None)
     async def completions(body: CompletionBody, tenant: Tenant) -> Any:
