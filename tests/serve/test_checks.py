@@ -88,7 +88,13 @@ def with_params(**fields: object) -> SampleRequest:
         ),
         (
             SampleRequest([1], SamplingParams(), num_samples=0),
-            "request 1: num_samples is 0; it must be at least 1; ask for 1 or more samples",
+            "request 1: num_samples is 0; it must be from 1 to 4096; ask for 1 to 4096 "
+            "samples per request (send several requests for more)",
+        ),
+        (
+            SampleRequest([1], SamplingParams(), num_samples=10**9),
+            f"request 1: num_samples is {10**9}; it must be from 1 to 4096; ask for 1 to 4096 "
+            "samples per request (send several requests for more)",
         ),
         (
             SampleRequest([1] * 512, SamplingParams()),

@@ -16,6 +16,9 @@ from mint.serve.types import AdapterRef, SampleRequest, SamplingParams
 
 log = logging.getLogger(__name__)
 
+#: Samples one request may ask for. Each sample is a row held until the request is done, so
+#: an unbounded count could exhaust host memory and keeps later requests waiting behind it.
+MAX_NUM_SAMPLES = 4096
 SEED_MIN = -(2**63)
 SEED_MAX = 2**64 - 1
 #: How many bad token ids (or damaged tensors) one problem lists before it counts the rest.
@@ -102,10 +105,10 @@ def params_problems(base: ResidentBase, params: SamplingParams) -> list[str]:
 def request_problems(base: ResidentBase, request: SampleRequest) -> list[str]:
     """Every problem with one request (empty when it can run)."""
     problems = prompt_problems(base, request.prompt) + params_problems(base, request.params)
-    if not request.num_samples >= 1:
+    if not 1 <= request.num_samples <= MAX_NUM_SAMPLES:
         problems.append(
-            f"num_samples is {request.num_samples}; it must be at least 1; "
-            "ask for 1 or more samples"
+            f"num_samples is {request.num_samples}; it must be from 1 to {MAX_NUM_SAMPLES}; "
+            f"ask for 1 to {MAX_NUM_SAMPLES} samples per request (send several requests for more)"
         )
     return problems
 
