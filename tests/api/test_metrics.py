@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -70,6 +71,8 @@ def test_metrics_report_tiers_loads_and_tokens(service: Service) -> None:
         ("mint_host_cache_bytes", ()): float(entry.nbytes),
         ("mint_host_cache_entries", ()): 1.0,
         ("mint_cold_queue_depth", ()): 0.0,
+        ("mint_batch_rows", ()): 0.0,
+        ("mint_queued_samples", ()): 0.0,
         ("mint_cold_loads_total", ()): 1.0,
         ("mint_cold_load_seconds_count", ()): 1.0,
         ("mint_shared_load_hits_total", ()): 0.0,
@@ -84,6 +87,26 @@ def test_metrics_report_tiers_loads_and_tokens(service: Service) -> None:
     assert {key: got[key] for key in expected} == expected
     assert got[("mint_cold_load_seconds_bucket", (("le", "+Inf"),))] == 1.0
     assert got[("mint_sampled_tokens_per_second", ())] == pytest.approx(12 / 10)
+
+
+def test_metrics_count_the_rows_of_a_sample_while_it_decodes(service: Service) -> None:
+    client = TestClient(create_app(service))
+    first_token, scraped = threading.Event(), threading.Event()
+
+    def hold(sample: int, token: int, logprob: float) -> None:
+        first_token.set()
+        scraped.wait(timeout=30)  # the batch cannot step on while this row's token is held
+
+    params = SamplingParams(max_tokens=6, temperature=0.0, stop_tokens=[])
+    request = SampleRequest([1, 2, 3], params, num_samples=2)
+    future = service.submit_sample("acme", TINY, None, request, lambda _: JsonResult({}), hold)
+    assert first_token.wait(timeout=60)
+    during = samples(client.get("/metrics").text)
+    scraped.set()
+    future.inner.result(timeout=60)
+    after = samples(client.get("/metrics").text)
+    assert during[("mint_batch_rows", ())] == 2.0
+    assert after[("mint_batch_rows", ())] == 0.0 and after[("mint_queued_samples", ())] == 0.0
 
 
 def test_each_service_has_its_own_registry(service: Service, tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ import httpx
 import openai
 import pytest
 import tinker
+import torch
 from tests.api.conftest import API_KEY, OTHER_KEY, TINY, LiveServer
 from tinker import types
 
@@ -181,6 +182,7 @@ def test_a_full_cold_queue_is_429_with_retry_after(
     assert answer.status_code == 429
     assert int(answer.headers["Retry-After"]) >= 1
     assert answer.json()["error"]["code"] == "busy"
+    assert answer.headers["x-should-retry"] == "true"
     service.close("success").result()
 
 
@@ -193,3 +195,172 @@ def test_text_stream_holds_back_what_may_start_a_stop_string() -> None:
     assert stream.push(5, -0.1) == "" and stream.flush() == ""
     plain = TextStream(lambda ts: "".join(pieces[t] for t in ts), stops=[])
     assert [plain.push(t, 0.0) for t in (1, 2, 3)] == ["he", "l", "lo"]
+
+
+def wire_message(error: openai.APIStatusError) -> str:
+    """The message as the server sent it (the client's own message prefixes the status)."""
+    assert isinstance(error.body, dict)
+    return str(error.body["message"])
+
+
+def test_refusals_have_openai_error_shape_so_the_client_raises_typed_errors(
+    live_server: LiveServer, client: openai.OpenAI, trained: Trained
+) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.completions.create(model=trained.policy, prompt="x", max_tokens=2, n=0)
+    assert caught.value.status_code == 400 and caught.value.code == "malformed_request"
+    assert caught.value.param == "n"
+    assert wire_message(caught.value) == (
+        "request body does not match the OpenAI API: body.n: Input should be greater than or "
+        "equal to 1; fix those fields (see the API reference of this endpoint)"
+    )
+    anonymous = openai.OpenAI(base_url=f"{live_server.url}/v1", api_key="tml-no", max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as denied:
+        anonymous.models.list()
+    assert denied.value.status_code == 401 and denied.value.code == "unauthenticated"
+    broken = httpx.post(
+        f"{live_server.url}/v1/chat/completions",
+        content=b'{"model": ',
+        headers={"Authorization": f"Bearer {API_KEY}", "content-type": "application/json"},
+        timeout=30,
+    )
+    assert broken.status_code == 400 and broken.headers["x-should-retry"] == "false"
+    error = broken.json()["error"]
+    assert (error["type"], error["code"], error["param"]) == (
+        "invalid_request_error",
+        "malformed_request",
+        None,
+    )
+    assert error["message"].startswith("request body does not match the OpenAI API: body.10:")
+
+
+def test_empty_prompts_chats_and_infinite_temperatures_are_refused(
+    client: openai.OpenAI, trained: Trained
+) -> None:
+    with pytest.raises(openai.BadRequestError) as no_prompt:
+        client.completions.create(model=trained.policy, prompt=[], max_tokens=2)
+    assert no_prompt.value.code == "invalid_request"
+    assert wire_message(no_prompt.value) == (
+        "prompt is an empty list, which asks for no completion at all; send a string, a list "
+        "of token ids, or a non-empty list of strings or of token-id lists"
+    )
+    with pytest.raises(openai.BadRequestError) as no_messages:
+        client.chat.completions.create(model=trained.policy, messages=[], max_tokens=2)
+    assert no_messages.value.code == "invalid_request"
+    assert wire_message(no_messages.value) == (
+        "messages is an empty list; a chat needs at least one message; send e.g. "
+        '[{"role": "user", "content": "..."}]'
+    )
+    # The openai client refuses to encode infinity; other clients send it as Python's json does.
+    hot = httpx.post(
+        f"{client.base_url}completions",
+        content=f'{{"model": "{trained.policy}", "prompt": "x", "temperature": Infinity}}',
+        headers={"Authorization": f"Bearer {API_KEY}", "content-type": "application/json"},
+        timeout=30,
+    )
+    assert hot.status_code == 400 and hot.json()["error"]["code"] == "invalid_request"
+    assert hot.json()["error"]["message"] == (
+        "temperature is inf; it must be 0 (greedy) or a finite positive number; "
+        "use a temperature >= 0 such as 1"
+    )
+
+
+def test_a_null_message_content_reads_as_empty(client: openai.OpenAI, trained: Trained) -> None:
+    messages: list[dict[str, object]] = [
+        {"role": "user", "content": "count: "},
+        {"role": "assistant", "content": None},
+        {"role": "user", "content": "again"},
+    ]
+    empty = [{**m, "content": m["content"] or ""} for m in messages]
+    answers = [
+        client.chat.completions.create(
+            model=trained.policy,
+            messages=chat,
+            max_tokens=4,
+            temperature=0,  # type: ignore[arg-type]
+        )
+        for chat in (messages, empty)
+    ]
+    assert answers[0].choices[0].message.content == answers[1].choices[0].message.content
+    assert answers[0].usage == answers[1].usage
+
+
+def test_models_retrieve_answers_one_model_or_not_found(
+    client: openai.OpenAI, trained: Trained
+) -> None:
+    policy = client.models.retrieve(trained.policy)
+    assert (policy.id, policy.owned_by) == (trained.policy, "alpha")
+    assert client.models.retrieve(TINY).id == TINY
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.models.retrieve(f"{trained.policy}:nope")
+    assert caught.value.code == "not_found"
+    assert wire_message(caught.value).startswith(
+        f"revision 'nope' not found on policy '{trained.policy}': it is no alias"
+    )
+
+
+def test_unsupported_fields_are_refused_unless_they_are_off(
+    client: openai.OpenAI, trained: Trained
+) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(
+            model=trained.policy, messages=[{"role": "user", "content": "x"}], max_tokens=2,
+            frequency_penalty=1.5, tools=[{"type": "function", "function": {"name": "f"}}],
+        )  # fmt: skip
+    assert caught.value.code == "invalid_request"
+    assert wire_message(caught.value) == (
+        "frequency_penalty is 1.5, which this server does not support: repetition penalties "
+        "are not applied; send 0; tools is [{'type': 'function', 'function': {'name': 'f'}}], "
+        "which this server does not support: tool calls are not parsed; describe tools in the "
+        "messages"
+    )
+    off = client.completions.create(
+        model=trained.policy, prompt="x", max_tokens=2, frequency_penalty=0,
+        presence_penalty=0, logit_bias={}, best_of=1,
+    )  # fmt: skip
+    assert len(off.choices) == 1
+
+
+def test_a_bad_later_prompt_is_named_by_its_index_before_anything_runs(
+    client: openai.OpenAI, trained: Trained
+) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.completions.create(model=trained.policy, prompt=[[1, 2], [900]], max_tokens=2)
+    assert wire_message(caught.value) == (
+        "prompt 1: prompt token ids 900 at position 0 are outside the vocabulary of "
+        "mint-test/tiny-llama (ids 0 to 258); tokenize with that base's tokenizer"
+    )
+
+
+def test_models_retrieve_takes_a_revision_too(client: openai.OpenAI, trained: Trained) -> None:
+    pinned = client.models.retrieve(f"{trained.policy}@1")
+    assert (pinned.id, pinned.owned_by) == (f"{trained.policy}@1", "alpha")
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.models.retrieve(f"{trained.policy}@99")
+    assert caught.value.code == "not_found"
+
+
+def test_a_failure_after_the_stream_started_is_a_typed_error_event(
+    live_server: LiveServer, client: openai.OpenAI
+) -> None:
+    service = tinker.ServiceClient(base_url=live_server.url, api_key=API_KEY)
+    training = service.create_lora_training_client(base_model=TINY, rank=2, seed=5).result()
+    training.save_weights_for_sampler("finite").result()
+    catalog = live_server.service.catalog
+    revision = catalog.resolve("alpha", training.model_id, "finite")
+    tensors = catalog.read_revision_tensors(revision)
+    path = sorted(tensors)[0]
+    tensors[path] = (torch.full_like(tensors[path][0], float("nan")), tensors[path][1])
+    catalog.export_revision("alpha", training.model_id, "damaged", tensors, 1)
+    stream = client.completions.create(
+        model=f"{training.model_id}@damaged", prompt="x", max_tokens=2, stream=True
+    )
+    with pytest.raises(openai.APIError) as caught:
+        list(stream)
+    assert caught.value.code == "invalid_adapter"
+    assert caught.value.message.endswith(
+        f"rejected (1 problem(s)): tensors {path} A hold NaN or infinite values; the revision "
+        "is damaged (or its training diverged); sample another revision, or train from a "
+        "finite state and export again"
+    )
+    service.close("success").result()

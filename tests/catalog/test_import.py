@@ -234,7 +234,38 @@ CASES: dict[str, tuple[Callable[[Path], None], list[str]]] = {
         lambda f: edit_config(f, use_rslora=True),
         ["use_rslora is True; rsLoRA scales by alpha/sqrt(r); retrain with alpha/r"],
     ),
+    "non-finite values": (
+        lambda f: edit_weights(f, poison),
+        [
+            "tensors model.layers.0.self_attn.q_proj A, model.layers.1.self_attn.v_proj B "
+            "hold NaN or infinite values; the adapter is damaged (or its training diverged), "
+            "so export it again from a finite training state"
+        ],
+    ),
+    "base named in the config": (
+        lambda f: edit_config(f, base_model_name_or_path="org/other-base"),
+        [
+            "base_model_name_or_path 'org/other-base' is not the policy's base "
+            "mint-test/tiny-llama; import the adapter into a policy on the base it was "
+            "trained on (or, if it was trained on mint-test/tiny-llama, set "
+            "base_model_name_or_path to 'mint-test/tiny-llama')"
+        ],
+    ),
 }
+
+
+def poison(flat: dict[str, torch.Tensor]) -> None:
+    flat[f"{Q0}.lora_A.weight"][0, 3] = float("nan")
+    flat[f"base_model.model.{V1}.lora_B.weight"][1, 0] = float("inf")
+
+
+def test_a_local_base_folder_of_the_same_name_is_the_base(
+    base_catalog: Catalog, tiny_base: ResidentBase, tmp_path: Path
+) -> None:
+    folder = peft_folder(tmp_path, tiny_base)
+    edit_config(folder, base_model_name_or_path="/models/Tiny-Llama/")
+    record = base_catalog.import_revision("acme", "imp", folder, tiny_base)
+    assert record.number == 1
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

@@ -5,11 +5,13 @@ from __future__ import annotations
 import re
 
 import pytest
+import torch
 
 from mint.errors import InvalidAdapter, UserError
 from mint.models.base import ResidentBase
 from mint.models.lora import LoraSignature, init_adapter
 from mint.serve import AdapterRef, Engine, SampleRequest, SamplingParams
+from mint.serve.checks import FINITE_ADAPTERS
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +50,13 @@ def with_params(**fields: object) -> SampleRequest:
         ),
         (
             with_params(temperature=-0.5),
-            "request 1: temperature is -0.5; it must be 0 (greedy) or positive; "
-            "use a temperature >= 0",
+            "request 1: temperature is -0.5; it must be 0 (greedy) or a finite positive "
+            "number; use a temperature >= 0 such as 1",
+        ),
+        (
+            with_params(temperature=float("inf")),
+            "request 1: temperature is inf; it must be 0 (greedy) or a finite positive "
+            "number; use a temperature >= 0 such as 1",
         ),
         (
             with_params(top_p=0.0),
@@ -81,7 +88,13 @@ def with_params(**fields: object) -> SampleRequest:
         ),
         (
             SampleRequest([1], SamplingParams(), num_samples=0),
-            "request 1: num_samples is 0; it must be at least 1; ask for 1 or more samples",
+            "request 1: num_samples is 0; it must be from 1 to 4096; ask for 1 to 4096 "
+            "samples per request (send several requests for more)",
+        ),
+        (
+            SampleRequest([1], SamplingParams(), num_samples=10**9),
+            f"request 1: num_samples is {10**9}; it must be from 1 to 4096; ask for 1 to 4096 "
+            "samples per request (send several requests for more)",
         ),
         (
             SampleRequest([1] * 512, SamplingParams()),
@@ -156,3 +169,25 @@ def test_a_refused_call_leaves_the_engine_serving(f32_engine: Engine) -> None:
 def test_max_batch_rows_must_be_positive(tiny_base: ResidentBase) -> None:
     with pytest.raises(UserError, match="max_batch_rows is 0; it must be at least 1"):
         Engine(tiny_base, max_batch_rows=0)
+
+
+def test_an_adapter_with_nan_or_infinite_values_is_refused_before_any_pass(
+    tiny_base: ResidentBase, f32_engine: Engine
+) -> None:
+    tensors = init_adapter(tiny_base.layers, LoraSignature(rank=2, alpha=2), seed=0)
+    healthy = AdapterRef("rev-finite", dict(tensors), 1.0)
+    q0, v1 = "model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.v_proj"
+    tensors[q0] = (tensors[q0][0].clone().fill_(float("nan")), tensors[q0][1])
+    tensors[v1] = (tensors[v1][0], torch.full_like(tensors[v1][1], float("inf")))
+    params = SamplingParams(max_tokens=2, temperature=1.0, seed=3)
+    damaged = SampleRequest([1, 2], params, adapter=AdapterRef("rev-nan", tensors, 1.0))
+    with pytest.raises(InvalidAdapter) as caught:
+        f32_engine.generate([SampleRequest([1, 2], params, adapter=healthy), damaged])
+    assert caught.value.problems == [
+        f"tensors {q0} A, {v1} B hold NaN or infinite values; the revision is damaged (or "
+        "its training diverged); sample another revision, or train from a finite state and "
+        "export again"
+    ]
+    assert "rev-finite" in FINITE_ADAPTERS and "rev-nan" not in FINITE_ADAPTERS
+    [alone] = f32_engine.generate([SampleRequest([1, 2], params, adapter=healthy)])
+    assert len(alone.sequences[0].tokens) == 2

@@ -21,7 +21,7 @@ from mint.api.auth import authorize, key_from_headers
 from mint.api.catalog_routes import add_catalog_routes
 from mint.api.json_codec import decode_forward_backward_json
 from mint.api.metrics import add_metrics_route
-from mint.api.openai_routes import add_openai_routes
+from mint.api.openai_routes import add_openai_routes, openai_error
 from mint.api.proto import decode_forward_backward
 from mint.catalog.records import CheckpointRecord, PolicyRecord
 from mint.control.futures import JobFuture, JsonResult, ProtoResult, Result
@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 
 PROTO = "application/x-protobuf"
 TINKER_PREFIX = "/api/v1/"
+OPENAI_PREFIX = "/v1/"
 DEFAULT_MAX_TOKENS = 128
 
 
@@ -56,6 +57,8 @@ def create_app(service: Service) -> FastAPI:
 
     @app.exception_handler(MintError)
     async def on_mint_error(request: Request, error: MintError) -> JSONResponse:
+        if request.url.path.startswith(OPENAI_PREFIX):  # e.g. a missing key or scope
+            return openai_error(error)
         headers = {"x-should-retry": "false"}
         if isinstance(error, Busy):  # back-pressure and job quotas: retry after a pause
             headers = {
@@ -71,10 +74,18 @@ def create_app(service: Service) -> FastAPI:
         return JSONResponse(error_body(error), status, headers=headers)
 
     @app.exception_handler(RequestValidationError)
-    async def on_bad_body(_: Request, error: RequestValidationError) -> JSONResponse:
+    async def on_bad_body(request: Request, error: RequestValidationError) -> JSONResponse:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in item['loc'])}: {item['msg']}" for item in error.errors()
         )
+        if request.url.path.startswith(OPENAI_PREFIX):
+            return openai_error(
+                MalformedRequest(
+                    f"request body does not match the OpenAI API: {problems}; fix those "
+                    "fields (see the API reference of this endpoint)"
+                ),
+                param=_first_field(error),
+            )
         wrapped = MalformedRequest(f"request body does not match the Tinker API: {problems}")
         return JSONResponse(error_body(wrapped), 400, headers={"x-should-retry": "false"})
 
@@ -102,6 +113,17 @@ def create_app(service: Service) -> FastAPI:
     add_openai_routes(app, service, Tenant)
     add_metrics_route(app, service)
     return app
+
+
+def _first_field(error: RequestValidationError) -> str | None:
+    """The body field the first problem is about (OpenAI's `param`), if it names one."""
+    for item in error.errors():
+        loc = [str(part) for part in item["loc"]]
+        if item["type"] == "json_invalid":  # its location is a character offset
+            return None
+        if loc[:1] == ["body"] and len(loc) > 1:
+            return ".".join(loc[1:])
+    return None
 
 
 def submitted(future: JobFuture, **extra: Any) -> dict[str, Any]:

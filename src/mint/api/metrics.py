@@ -67,6 +67,10 @@ class EngineCollector(Collector):
             ),
             "host_entries": _gauge("mint_host_cache_entries", "Revisions host-cached.", base),
             "queue": _gauge("mint_cold_queue_depth", "Revisions loading or waiting to load.", base),
+            "rows": _gauge("mint_batch_rows", "Sample rows decoding in the running batch.", base),
+            "waiting": _gauge(
+                "mint_queued_samples", "Sample requests waiting to join the batch.", base
+            ),
             "tps": _gauge(
                 "mint_sampled_tokens_per_second", "Tokens sampled per second (last 10 s).", base
             ),
@@ -105,6 +109,8 @@ class EngineCollector(Collector):
         cached = worker.host_cache.table()
         f["host_entries"].add_metric([base_id], len(cached))
         f["queue"].add_metric([base_id], worker.loader.queue_depth)
+        f["rows"].add_metric([base_id], worker.running_rows())
+        f["waiting"].add_metric([base_id], worker.queued_samples())
         f["tps"].add_metric([base_id], worker.stats.tokens_per_second())
         for sha in held:
             f["resident"].add_metric([base_id, "slot", sha[:SHA_LABEL]], 1)

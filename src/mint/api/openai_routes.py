@@ -9,6 +9,10 @@ Stop strings follow OpenAI: the returned text ends before the first stop string.
 streaming, text that could still turn out to start a stop string is held back until it
 cannot. Reported logprobs are those of the distribution each token was sampled from.
 
+Fields OpenAI defines but this server does not implement (penalties, logit_bias, tools,
+response_format, ...) are refused by name unless they carry their "off" value
+(`UNSUPPORTED_FIELDS`), and every prompt of a request is checked before any is submitted.
+
 Known shortcoming: `top_logprobs` (alternatives per position) is refused; the engine returns
 only the sampled token's logprob. Returning the k best of the processed distribution per
 row would lift it.
@@ -26,12 +30,14 @@ from typing import Any, Literal
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, StreamingResponse
+from jinja2 import TemplateError
 from pydantic import BaseModel, ConfigDict, Field
 
 from mint.catalog.records import RevisionRecord
 from mint.control.futures import JsonResult, Result
 from mint.control.service import Service
-from mint.errors import MintError, UserError, http_status_for
+from mint.errors import Busy, MintError, UserError, http_status_for
+from mint.serve.checks import params_problems, prompt_problems
 from mint.serve.types import SampleRequest, SampleResult, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -43,8 +49,35 @@ DEFAULT_CHAT_TOKENS = 512
 MAX_CHOICES = 64
 
 
+#: OpenAI request fields this server does not implement, the values that mean "off" (which
+#: clients often send explicitly), and what to do instead. Any other value is refused rather
+#: than ignored, since ignoring it would answer something the caller did not ask for.
+UNSUPPORTED_FIELDS: tuple[tuple[str, tuple[Any, ...], str], ...] = (
+    ("frequency_penalty", (None, 0, 0.0), "repetition penalties are not applied; send 0"),
+    ("presence_penalty", (None, 0, 0.0), "repetition penalties are not applied; send 0"),
+    ("logit_bias", (None, {}), "logits are not biased; send no logit_bias"),
+    ("best_of", (None, 1), "ranking several samples is not done; ask for n samples instead"),
+    ("suffix", (None, ""), "insertion after a suffix is not done; send no suffix"),
+    ("tools", (None, []), "tool calls are not parsed; describe tools in the messages"),
+    ("functions", (None, []), "function calls are not parsed; describe them in the messages"),
+    ("tool_choice", (None, "none", "auto"), "tool calls are not parsed; send no tool_choice"),
+    ("function_call", (None, "none", "auto"), "function calls are not parsed; send none"),
+    ("response_format", (None, {"type": "text"}), "output is not constrained; ask in the prompt"),
+)
+
+
+def _unsupported_problems(body: BaseModel) -> list[str]:
+    extra = body.model_extra or {}
+    return [
+        f"{name} is {extra[name]!r}, which this server does not support: {remedy}"
+        for name, neutral, remedy in UNSUPPORTED_FIELDS
+        if name in extra and extra[name] not in neutral
+    ]
+
+
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    # Extra fields are kept (not dropped) so unsupported ones can be refused by name.
+    model_config = ConfigDict(extra="allow")
 
     model: str
     max_tokens: int | None = None
@@ -198,6 +231,11 @@ def _max_tokens(service: Service, base_id: str, asked: int | None, default: int,
 
 
 def _chat_prompt(tokenizer: Any, messages: list[ChatMessage]) -> list[int]:
+    if not messages:
+        raise UserError(
+            "messages is an empty list; a chat needs at least one message; send e.g. "
+            '[{"role": "user", "content": "..."}]'
+        )
     if not getattr(tokenizer, "chat_template", None):
         raise UserError(
             "this base's tokenizer has no chat template, so chat messages cannot be turned "
@@ -206,17 +244,29 @@ def _chat_prompt(tokenizer: Any, messages: list[ChatMessage]) -> list[int]:
     plain = [
         {
             "role": m.role,
+            # A null content (an assistant turn that only called tools) renders as empty.
             "content": m.content
-            if isinstance(m.content, str) or m.content is None
-            else "".join(str(part.get("text", "")) for part in m.content),
+            if isinstance(m.content, str)
+            else "".join(str(part.get("text", "")) for part in m.content or []),
         }
         for m in messages
     ]
-    text = tokenizer.apply_chat_template(plain, add_generation_prompt=True, tokenize=False)
+    try:
+        text = tokenizer.apply_chat_template(plain, add_generation_prompt=True, tokenize=False)
+    except (TemplateError, ValueError) as error:  # the template's own refusal of the chat
+        raise UserError(
+            f"this base's chat template refuses the messages: {error}; send messages the "
+            "template accepts (roles system, user and assistant, in turn)"
+        ) from None
     return list(tokenizer.encode(text, add_special_tokens=False))
 
 
 def _completion_prompts(tokenizer: Any, prompt: Any) -> list[list[int]]:
+    if isinstance(prompt, list) and not prompt:
+        raise UserError(
+            "prompt is an empty list, which asks for no completion at all; send a string, a "
+            "list of token ids, or a non-empty list of strings or of token-id lists"
+        )
     if isinstance(prompt, str):
         return [list(tokenizer.encode(prompt, add_special_tokens=False))]
     if prompt and all(isinstance(p, int) for p in prompt):
@@ -230,13 +280,18 @@ def _completion_prompts(tokenizer: Any, prompt: Any) -> list[list[int]]:
 # ------------------------------------------------------------------------------ answers
 
 
-def _openai_error(error: MintError) -> JSONResponse:
+def openai_error(error: MintError, param: str | None = None) -> JSONResponse:
+    """An error in OpenAI's shape, so the `openai` client raises the typed error with its
+    code; back-pressure carries Retry-After and `x-should-retry`, which the client obeys."""
     status = http_status_for(error)
     kind = "invalid_request_error" if error.category == "user" else "server_error"
-    headers = {}
-    if error.code == "busy":
-        headers["Retry-After"] = str(max(1, round(getattr(error, "retry_after_s", 1))))
-    body = {"error": {"message": error.message, "type": kind, "code": error.code, "param": None}}
+    headers = {"x-should-retry": "false"}
+    if isinstance(error, Busy):
+        headers = {
+            "x-should-retry": "true",
+            "Retry-After": str(max(1, round(error.retry_after_s))),
+        }
+    body = {"error": {"message": error.message, "type": kind, "code": error.code, "param": param}}
     return JSONResponse(body, status, headers=headers)
 
 
@@ -315,6 +370,22 @@ class _Plan:
         }
 
 
+def _check_plan(service: Service, plan: _Plan, body: _Body) -> _Plan:
+    """Raise one error with every problem of the request, before any of its prompts is
+    submitted (so a bad later prompt leaves no earlier one running); return the plan."""
+    base = service.worker(plan.base_id).base
+    several = len(plan.prompts) > 1
+    problems = _unsupported_problems(body) + [
+        f"prompt {index}: {problem}" if several else problem
+        for index, prompt in enumerate(plan.prompts)
+        for problem in prompt_problems(base, prompt)
+    ]
+    problems += params_problems(base, plan.params)
+    if problems:
+        raise UserError("; ".join(problems))
+    return plan
+
+
 def _plan_chat(service: Service, tenant: str, body: ChatBody) -> _Plan:
     if body.top_logprobs:
         raise UserError(
@@ -326,10 +397,11 @@ def _plan_chat(service: Service, tenant: str, body: ChatBody) -> _Plan:
     asked = body.max_completion_tokens if body.max_tokens is None else body.max_tokens
     tokens = _max_tokens(service, base_id, asked, DEFAULT_CHAT_TOKENS, len(prompt))
     usage = bool((body.stream_options or {}).get("include_usage"))
-    return _Plan(
+    plan = _Plan(
         "chat", body.model, base_id, revision, [prompt], _params(body, tokens), body.n,
         body.logprobs, usage,
     )  # fmt: skip
+    return _check_plan(service, plan, body)
 
 
 def _plan_completion(service: Service, tenant: str, body: CompletionBody) -> _Plan:
@@ -345,10 +417,11 @@ def _plan_completion(service: Service, tenant: str, body: CompletionBody) -> _Pl
     longest = max((len(p) for p in prompts), default=0)
     tokens = _max_tokens(service, base_id, body.max_tokens, DEFAULT_COMPLETION_TOKENS, longest)
     usage = bool((body.stream_options or {}).get("include_usage"))
-    return _Plan(
+    plan = _Plan(
         "completion", body.model, base_id, revision, prompts, _params(body, tokens), body.n,
         body.logprobs is not None, usage,
     )  # fmt: skip
+    return _check_plan(service, plan, body)
 
 
 def _choice(plan: _Plan, tokenizer: Any, index: int, stream: TextStream, reason: str) -> Any:
@@ -427,8 +500,12 @@ async def _events(
     failed = [c.future.inner.exception() for c in calls if c.future.inner.exception()]
     if failed:
         error = failed[0]
-        message = error.message if isinstance(error, MintError) else f"internal error: {error}"
-        yield _sse({"error": {"message": message, "type": "server_error", "code": None}})
+        if not isinstance(error, MintError):
+            log.error("sample failed mid-stream", exc_info=error)
+            error = MintError(f"internal error: {error}")
+        kind = "invalid_request_error" if error.category == "user" else "server_error"
+        body = {"message": error.message, "type": kind, "code": error.code, "param": None}
+        yield _sse({"error": body})
         yield _sse("[DONE]")
         return
     results = [call.holder[0] for call in calls]
@@ -508,11 +585,32 @@ def _model_entries(service: Service, tenant: str) -> list[dict[str, Any]]:
             return entries
 
 
+def _model_entry(service: Service, tenant: str, model: str) -> dict[str, Any]:
+    """The /v1/models entry of a listed name, or of any other name the completion routes
+    accept (`policy@revision`)."""
+    for entry in _model_entries(service, tenant):
+        if entry["id"] == model:
+            return entry
+    base_id, revision = service.resolve_model(tenant, model)
+    if revision is None:
+        return {"id": model, "object": "model", "created": 0, "owned_by": "mint"}
+    created = int(revision.created_at.timestamp())
+    return {"id": model, "object": "model", "created": created, "owned_by": tenant,
+            "root": base_id, "parent": base_id}  # fmt: skip
+
+
 def add_openai_routes(app: FastAPI, service: Service, Tenant: Any) -> None:
     @app.get("/v1/models")
     async def models(tenant: Tenant) -> dict[str, Any]:
         entries = await asyncio.to_thread(_model_entries, service, tenant)
         return {"object": "list", "data": entries}
+
+    @app.get("/v1/models/{model:path}")
+    async def model(model: str, tenant: Tenant) -> Any:
+        try:
+            return await asyncio.to_thread(_model_entry, service, tenant, model)
+        except MintError as error:
+            return openai_error(error)
 
     @app.post("/v1/completions", response_model=None)
     async def completions(body: CompletionBody, tenant: Tenant) -> Any:
@@ -520,7 +618,7 @@ def add_openai_routes(app: FastAPI, service: Service, Tenant: Any) -> None:
             plan = await asyncio.to_thread(_plan_completion, service, tenant, body)
             return await _run(service, tenant, plan, body.stream)
         except MintError as error:
-            return _openai_error(error)
+            return openai_error(error)
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(body: ChatBody, tenant: Tenant) -> Any:
@@ -528,4 +626,4 @@ def add_openai_routes(app: FastAPI, service: Service, Tenant: Any) -> None:
             plan = await asyncio.to_thread(_plan_chat, service, tenant, body)
             return await _run(service, tenant, plan, body.stream)
         except MintError as error:
-            return _openai_error(error)
+            return openai_error(error)

@@ -3,7 +3,8 @@
 `validate_adapter` reads the folder once and reports every problem in one `InvalidAdapter`:
 keys naming no module of the base, adapter names baked into keys, target modules that
 disagree with the tensors or the policy, shapes that disagree with the base, a rank above the
-limit, a base id or fingerprint that does not match, full-weight `modules_to_save`, embedding
+limit, NaN or infinite values, a base id or fingerprint that does not match (in the manifest
+or in `base_model_name_or_path`), full-weight `modules_to_save`, embedding
 tensors whose rows differ from the vocabulary, and config settings mint cannot serve.
 Config fields it does not know are kept and written back; they never fail an import.
 """
@@ -66,6 +67,8 @@ EMBEDDING_KEY = re.compile(
     r"^base_model\.model\.(?P<path>.+)\.lora_embedding_(?P<part>[AB])(?:\.(?P<name>[^.]+))?$"
 )
 SAVED_SUFFIX = re.compile(r"\.modules_to_save(\.[^.]+)?$")
+#: How many damaged tensors one problem names before it only counts the rest.
+SHOWN_MODULES = 5
 #: Module short names whose first dimension is the vocabulary.
 VOCAB_MODULES = ("embed_tokens", "lm_head", "wte", "embed_in", "embed_out", "word_embeddings")
 
@@ -112,6 +115,8 @@ def validate_adapter(
     problems += _config_problems(config, signature, limit, policy.policy_id)
     pairs = _key_problems(flat, base, problems)
     tensors = _pair_problems(pairs, base, rank, problems)
+    problems += _finite_problems(tensors)
+    problems += _base_name_problems(config, base)
     problems += _target_problems(config, pairs, base, signature, policy.policy_id)
     manifest_extra = _manifest_problems(folder, base, problems)
     if problems:
@@ -294,6 +299,42 @@ def _pair_problems(
     if not pairs and not problems:
         problems.append("the adapter holds no LoRA tensors")
     return tensors
+
+
+def _finite_problems(tensors: AdapterTensors) -> list[str]:
+    """NaN or infinite entries: served, they turn every sampled distribution into NaN."""
+    bad = [
+        f"{path} {part}"
+        for path, pair in sorted(tensors.items())
+        for part, tensor in zip("AB", pair, strict=True)
+        if not bool(torch.isfinite(tensor).all())
+    ]
+    if not bad:
+        return []
+    shown = ", ".join(bad[:SHOWN_MODULES])
+    more = f" and {len(bad) - SHOWN_MODULES} more" if len(bad) > SHOWN_MODULES else ""
+    return [
+        f"tensors {shown}{more} hold NaN or infinite values; the adapter is damaged (or its "
+        "training diverged), so export it again from a finite training state"
+    ]
+
+
+def _base_name_problems(config: dict[str, Any], base: AdaptableBase) -> list[str]:
+    """base_model_name_or_path must name the policy's base: its id, or a local folder of
+    the same name. Another base with the same shapes would be accepted silently otherwise."""
+    named = config.get("base_model_name_or_path")
+    if named is None or named == "":
+        return []
+    short = base.base_id.rsplit("/", 1)[-1].lower()
+    if isinstance(named, str) and (
+        named == base.base_id or named.rstrip("/").rsplit("/", 1)[-1].lower() == short
+    ):
+        return []
+    return [
+        f"base_model_name_or_path {named!r} is not the policy's base {base.base_id}; import "
+        "the adapter into a policy on the base it was trained on (or, if it was trained on "
+        f"{base.base_id}, set base_model_name_or_path to {base.base_id!r})"
+    ]
 
 
 def _target_problems(

@@ -4,6 +4,9 @@ batch halfway. Each problem is worded as: the value, the rule, the fix."""
 from __future__ import annotations
 
 import logging
+import math
+import threading
+from collections import OrderedDict
 
 import torch
 
@@ -13,9 +16,12 @@ from mint.serve.types import AdapterRef, SampleRequest, SamplingParams
 
 log = logging.getLogger(__name__)
 
+#: Samples one request may ask for. Each sample is a row held until the request is done, so
+#: an unbounded count could exhaust host memory and keeps later requests waiting behind it.
+MAX_NUM_SAMPLES = 4096
 SEED_MIN = -(2**63)
 SEED_MAX = 2**64 - 1
-#: How many bad token ids one problem lists before it only counts the rest.
+#: How many bad token ids (or damaged tensors) one problem lists before it counts the rest.
 SHOWN_TOKENS = 5
 
 
@@ -60,10 +66,10 @@ def params_problems(base: ResidentBase, params: SamplingParams) -> list[str]:
         problems.append(
             f"max_tokens is {params.max_tokens}; it must be at least 1; ask for 1 or more tokens"
         )
-    if not params.temperature >= 0:
+    if not 0 <= params.temperature < math.inf:
         problems.append(
-            f"temperature is {params.temperature}; it must be 0 (greedy) or positive; "
-            "use a temperature >= 0"
+            f"temperature is {params.temperature}; it must be 0 (greedy) or a finite "
+            "positive number; use a temperature >= 0 such as 1"
         )
     if not 0 < params.top_p <= 1:
         problems.append(
@@ -99,10 +105,10 @@ def params_problems(base: ResidentBase, params: SamplingParams) -> list[str]:
 def request_problems(base: ResidentBase, request: SampleRequest) -> list[str]:
     """Every problem with one request (empty when it can run)."""
     problems = prompt_problems(base, request.prompt) + params_problems(base, request.params)
-    if not request.num_samples >= 1:
+    if not 1 <= request.num_samples <= MAX_NUM_SAMPLES:
         problems.append(
-            f"num_samples is {request.num_samples}; it must be at least 1; "
-            "ask for 1 or more samples"
+            f"num_samples is {request.num_samples}; it must be from 1 to {MAX_NUM_SAMPLES}; "
+            f"ask for 1 to {MAX_NUM_SAMPLES} samples per request (send several requests for more)"
         )
     return problems
 
@@ -137,6 +143,50 @@ def adapter_problems(base: ResidentBase, adapter: AdapterRef) -> list[str]:
     return problems
 
 
+class FiniteAdapterKeys:
+    """Keys of adapters whose tensors were found finite. Equal keys mean the same immutable
+    tensors, so each adapter is scanned once, not on every request that uses it."""
+
+    def __init__(self, capacity: int = 4096) -> None:
+        self.capacity = capacity
+        self._keys: OrderedDict[str, None] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __contains__(self, key: object) -> bool:
+        with self._lock:
+            return key in self._keys
+
+    def add(self, key: str) -> None:
+        with self._lock:
+            self._keys[key] = None
+            while len(self._keys) > self.capacity:
+                self._keys.popitem(last=False)
+
+
+FINITE_ADAPTERS = FiniteAdapterKeys()
+
+
+def nonfinite_problems(adapter: AdapterRef) -> list[str]:
+    """NaN or infinite adapter entries turn a row's logits into NaN, and one NaN row makes
+    the draw of its whole batch fail, so such an adapter never reaches a forward pass."""
+    if adapter.key in FINITE_ADAPTERS:
+        return []
+    paths = sorted(adapter.tensors)
+    flags = [torch.isfinite(t).all() for path in paths for t in adapter.tensors[path]]
+    finite = torch.stack(flags).tolist() if flags else []  # one device sync for all of them
+    bad = [f"{path} {part}" for i, path in enumerate(paths) for j, part in enumerate("AB")
+           if not finite[2 * i + j]]  # fmt: skip
+    if not bad:
+        FINITE_ADAPTERS.add(adapter.key)
+        return []
+    more = f" and {len(bad) - SHOWN_TOKENS} more" if len(bad) > SHOWN_TOKENS else ""
+    return [
+        f"tensors {', '.join(bad[:SHOWN_TOKENS])}{more} hold NaN or infinite values; the "
+        "revision is damaged (or its training diverged); sample another revision, or train "
+        "from a finite state and export again"
+    ]
+
+
 def check_requests(base: ResidentBase, requests: list[SampleRequest]) -> None:
     """Raise one `UserError` listing every bad request, then `InvalidAdapter` for a bad
     adapter; return quietly when the whole list can run."""
@@ -153,6 +203,7 @@ def check_requests(base: ResidentBase, requests: list[SampleRequest]) -> None:
         if adapter is None or adapter.key in checked:
             continue
         found = adapter_problems(base, adapter)
+        found = found or nonfinite_problems(adapter)
         if found:
             raise InvalidAdapter(found, subject=f"adapter {adapter.key}")
         checked.add(adapter.key)
