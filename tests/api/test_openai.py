@@ -3,6 +3,7 @@ server, sampling a policy trained through the tinker SDK on the tiny base."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -364,3 +365,58 @@ def test_a_failure_after_the_stream_started_is_a_typed_error_event(
         "finite state and export again"
     )
     service.close("success").result()
+
+
+@pytest.fixture
+def slow_decoding(live_server: LiveServer, monkeypatch: pytest.MonkeyPatch) -> object:
+    """Each decode step of the tiny base takes at least 20 ms, so a 400-token answer takes
+    8 s or more: a request that ends sooner was cancelled, not finished."""
+    worker = live_server.service.worker(TINY)
+    record = worker.stats.record_tokens
+
+    def slowly(count: int, now: float | None = None) -> None:
+        time.sleep(0.02)
+        record(count, now)
+
+    monkeypatch.setattr(worker.stats, "record_tokens", slowly)
+    return worker
+
+
+def _rows_gone(worker: object, within_s: float) -> bool:
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        if worker.running_rows() == 0 and worker.queued_samples() == 0:  # type: ignore[attr-defined]
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_a_stream_whose_client_disconnects_leaves_the_batch(
+    live_server: LiveServer, trained: Trained, slow_decoding: object
+) -> None:
+    body = {"model": trained.policy, "prompt": "count: ", "max_tokens": 400, "temperature": 0,
+            "n": 2, "stream": True}  # fmt: skip
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    with httpx.stream("POST", f"{live_server.url}/v1/completions", json=body, headers=headers,
+                      timeout=30) as response:  # fmt: skip
+        assert response.status_code == 200
+        lines = response.iter_lines()
+        seen = [next(lines) for _ in range(6)]
+        assert any(line.startswith("data: {") for line in seen)
+        assert slow_decoding.running_rows() == 2  # type: ignore[attr-defined]
+    # Closed after a few tokens: both rows leave long before 400 tokens would be done.
+    assert _rows_gone(slow_decoding, within_s=3)
+
+
+def test_a_call_whose_client_times_out_leaves_the_batch(
+    live_server: LiveServer, trained: Trained, slow_decoding: object
+) -> None:
+    body = {"model": trained.policy, "prompt": "count: ", "max_tokens": 400, "temperature": 0}
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{live_server.url}/v1/completions", json=body, headers=headers, timeout=0.5)
+    assert _rows_gone(slow_decoding, within_s=3)
+    # The engine serves on.
+    done = httpx.post(f"{live_server.url}/v1/completions", headers=headers, timeout=30,
+                      json={**body, "max_tokens": 3})  # fmt: skip
+    assert done.status_code == 200 and done.json()["usage"]["completion_tokens"] <= 3

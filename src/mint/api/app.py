@@ -161,16 +161,37 @@ def _audit_event(method: str, path: str) -> str | None:
 
 def add_audit_trail(app: FastAPI, service: Service) -> None:
     """Append one audit entry per successful state-changing Tinker call of a known tenant."""
+    app.add_middleware(AuditTrail, service=service)
 
-    @app.middleware("http")
-    async def audit(request: Request, call_next: Any) -> Response:
-        response: Response = await call_next(request)
-        event = _audit_event(request.method, request.url.path)
-        tenant = getattr(request.state, "tenant", None)
-        if event and tenant and response.status_code < 400:
-            details: dict[str, object] = {"method": request.method, "path": request.url.path}
-            await asyncio.to_thread(service.activity.audit, tenant, event, details)
-        return response
+
+class AuditTrail:
+    """The audit trail as a plain ASGI middleware rather than `@app.middleware("http")`:
+    that wrapper hands the routes a receive channel that never reports the client's
+    disconnect, and the OpenAI routes rely on it to cancel the requests of a client that
+    went away."""
+
+    def __init__(self, app: Any, service: Service) -> None:
+        self.app = app
+        self.service = service
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500
+
+        async def send_noting_status(message: Any) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        await self.app(scope, receive, send_noting_status)
+        event = _audit_event(scope["method"], scope["path"])
+        tenant = scope.get("state", {}).get("tenant")  # set by the key check (request.state)
+        if event and tenant and status < 400:
+            details: dict[str, object] = {"method": scope["method"], "path": scope["path"]}
+            await asyncio.to_thread(self.service.activity.audit, tenant, event, details)
 
 
 def _track(

@@ -28,8 +28,8 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from fastapi import FastAPI
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from jinja2 import TemplateError
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -468,7 +468,27 @@ def _delta_chunk(
     return {**plan.envelope(chunk=True), "choices": [choice]}
 
 
+def _cancel_unfinished(service: Service, plan: _Plan, calls: list[_Call]) -> None:
+    """The caller went away: stop its requests still sampling, so their rows leave the
+    batch instead of decoding to the end for nobody."""
+    for call in calls:
+        if not call.future.inner.done():
+            service.cancel_sample(plan.base_id, call.future)
+
+
 async def _events(
+    service: Service, plan: _Plan, calls: list[_Call], queue: asyncio.Queue[Any]
+) -> AsyncIterator[str]:
+    """The server-sent events of a streamed answer; a client that disconnects cancels its
+    requests (the server closes this generator, which runs the `finally`)."""
+    try:
+        async for event in _event_lines(service, plan, calls, queue):
+            yield event
+    finally:
+        _cancel_unfinished(service, plan, calls)
+
+
+async def _event_lines(
     service: Service, plan: _Plan, calls: list[_Call], queue: asyncio.Queue[Any]
 ) -> AsyncIterator[str]:
     """1. A role chunk per chat choice. 2. A chunk per token that adds text (or logprobs).
@@ -530,14 +550,41 @@ def _token_logprobs(plan: _Plan, tokenizer: Any, token: int, logprob: float) -> 
     return {"tokens": [piece], "token_logprobs": [logprob], "top_logprobs": None}
 
 
-async def _run(service: Service, tenant: str, plan: _Plan, stream: bool) -> Any:
+#: How often a non-streamed answer still sampling checks that its client is connected.
+DISCONNECT_POLL_S = 0.25
+
+
+async def _disconnected(request: Request) -> None:
+    while not await request.is_disconnected():
+        await asyncio.sleep(DISCONNECT_POLL_S)
+
+
+async def _answer_while_connected(
+    service: Service, plan: _Plan, calls: list[_Call], request: Request
+) -> Any:
+    """The whole answer, unless the client disconnects first (a timeout, a closed
+    connection): then its requests are cancelled and nothing is sent."""
+    answer = asyncio.ensure_future(_answer(service, plan, calls))
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({answer, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    if answer.done():
+        return answer.result()
+    answer.cancel()
+    _cancel_unfinished(service, plan, calls)
+    return Response(status_code=499)  # nobody reads it: the client is gone
+
+
+async def _run(service: Service, tenant: str, plan: _Plan, stream: bool, request: Request) -> Any:
     if not stream:
         calls = await asyncio.to_thread(
             lambda: [
                 _submit(service, tenant, plan.base_id, plan.revision, r) for r in plan.requests()
             ]
         )
-        return await _answer(service, plan, calls)
+        return await _answer_while_connected(service, plan, calls, request)
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[Any] = asyncio.Queue()
 
@@ -613,17 +660,17 @@ def add_openai_routes(app: FastAPI, service: Service, Tenant: Any) -> None:
             return openai_error(error)
 
     @app.post("/v1/completions", response_model=None)
-    async def completions(body: CompletionBody, tenant: Tenant) -> Any:
+    async def completions(body: CompletionBody, tenant: Tenant, request: Request) -> Any:
         try:
             plan = await asyncio.to_thread(_plan_completion, service, tenant, body)
-            return await _run(service, tenant, plan, body.stream)
+            return await _run(service, tenant, plan, body.stream, request)
         except MintError as error:
             return openai_error(error)
 
     @app.post("/v1/chat/completions", response_model=None)
-    async def chat_completions(body: ChatBody, tenant: Tenant) -> Any:
+    async def chat_completions(body: ChatBody, tenant: Tenant, request: Request) -> Any:
         try:
             plan = await asyncio.to_thread(_plan_chat, service, tenant, body)
-            return await _run(service, tenant, plan, body.stream)
+            return await _run(service, tenant, plan, body.stream, request)
         except MintError as error:
             return openai_error(error)
