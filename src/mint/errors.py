@@ -104,6 +104,12 @@ class RequestLost(MintError):
     category = "server"
 
 
+class NonFiniteLogits(UserError):
+    """A request's adapter drove the model's logits to NaN or infinity; only its rows fail."""
+
+    code = "non_finite_logits"
+
+
 class Cancelled(UserError):
     """A request its caller gave up on (a stream whose client disconnected)."""
 
@@ -120,6 +126,7 @@ HTTP_STATUS_BY_CODE: dict[str, int] = {
     "malformed_request": 400,
     "unsupported_loss": 400,
     "invalid_adapter": 400,
+    "non_finite_logits": 400,
     "unauthenticated": 401,
     "permission_denied": 403,
     "missing_scope": 403,

@@ -14,8 +14,9 @@ from tests.serve.conftest import Revisions
 from mint.catalog.records import RevisionRecord
 from mint.control.futures import JobFuture, JsonResult, Result
 from mint.control.worker import BaseWorker, SampleJob
-from mint.errors import Busy, Cancelled, InvalidAdapter, UserError
+from mint.errors import Busy, Cancelled, InvalidAdapter, NonFiniteLogits, UserError
 from mint.models.base import ResidentBase
+from mint.models.lora import LoraSignature, init_adapter
 from mint.serve import AdapterRef, Engine, SampleRequest, SampleResult, SamplingParams
 from mint.serve.config import EngineConfig
 from mint.serve.loader import LoadPacer, read_revision_files
@@ -399,3 +400,22 @@ def test_cancelled_jobs_leave_the_batch_and_give_back_their_slots(
         ("pol-cold@1", "ready", 0, False),
         ("pol-warm@1", "ready", 0, False),
     ]
+
+
+def test_a_revision_that_overflows_fails_its_job_and_the_batch_runs_on(
+    make_worker: WorkerFactory, revisions: Revisions, tiny_base: ResidentBase
+) -> None:
+    worker = make_worker(num_slots=2, max_slot_rank=4)
+    fine = revisions.export("pol-fine", 1)
+    tensors = init_adapter(tiny_base.layers, LoraSignature(4, 8.0), seed=3)
+    for _, b in tensors.values():
+        b.fill_(1e30)  # finite weights whose delta overflows float32
+    huge = revisions.export_tensors("pol-huge", tensors, rank=4)
+    jobs = [Job(fine, [1, 2], 5), Job(huge, [1, 2], 5), Job(fine, [3, 4], 5)]
+    for job in jobs:
+        worker.submit_sample(job.job)
+    with pytest.raises(NonFiniteLogits, match="hold NaN or infinite values"):
+        jobs[1].job.future.inner.result(timeout=WAIT_S)
+    entry = worker.host_cache.get(fine.sha256)
+    assert jobs[0].wait().sequences[0].tokens == alone(tiny_base, entry, [1, 2], 5)
+    assert jobs[2].wait().sequences[0].tokens == alone(tiny_base, entry, [3, 4], 5)

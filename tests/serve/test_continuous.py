@@ -6,9 +6,11 @@ from __future__ import annotations
 import random
 
 import pytest
+import torch
 from tests.serve.conftest import random_adapter
 from tests.serve.test_engine import assert_same_result, greedy, random_request
 
+from mint.errors import NonFiniteLogits
 from mint.models.base import ResidentBase
 from mint.models.lora import ATTENTION_TARGETS, LoraSignature
 from mint.serve import AdapterRef, Engine, SampleRequest, SampleResult
@@ -150,3 +152,30 @@ def test_cancelled_requests_leave_wherever_they_are_and_the_rest_run_on(
     assert list(done) == [kept_id]
     assert_same_result(done[kept_id], engine.generate([kept])[0], atol)
     assert not batch.cancel(kept_id) and not batch.cancel(decoding_id)
+
+
+def test_an_adapter_that_overflows_fails_only_its_own_request(
+    base: ResidentBase, engine: Engine, adapters: list[AdapterRef], atol: float
+) -> None:
+    huge = random_adapter(base, "rev-huge", 5, LoraSignature(rank=2, alpha=4))
+    for _, b in huge.tensors.values():
+        b.mul_(1e300 if base.dtype == torch.float64 else 1e30)  # finite, but logits overflow
+    fine = SampleRequest([5, 6, 7], greedy(6), adapter=adapters[0])
+    broken = SampleRequest([5, 6, 7], greedy(6), num_samples=2, adapter=huge)
+    batch = engine.batch()
+    fine_id, broken_id = batch.admit(fine), batch.admit(broken)
+    failures: list[tuple[int, Exception]] = []
+    done: dict[int, SampleResult] = {}
+    while batch.load:
+        tick = batch.step()
+        failures += tick.failed
+        assert broken_id not in {request for request, *_ in tick.sampled}
+        done.update(tick.finished)
+    assert [request for request, _ in failures] == [broken_id]
+    error = failures[0][1]
+    assert isinstance(error, NonFiniteLogits) and error.code == "non_finite_logits"
+    assert "hold NaN or infinite values after 0 sampled tokens (adapter rev-huge" in str(error)
+    assert list(done) == [fine_id]
+    assert_same_result(done[fine_id], engine.generate([fine])[0], atol)
+    with pytest.raises(NonFiniteLogits):
+        engine.generate([broken])

@@ -380,6 +380,8 @@ class BaseWorker:
                     sink(sample, token, logprob)
                 except Exception:
                     log.exception("token sink of request %d failed", request_id)
+        for request_id, error in tick.failed:
+            self._end(self._in_batch.pop(request_id), error=error)
         for request_id, result in tick.finished:
             job = self._in_batch.pop(request_id)
             try:

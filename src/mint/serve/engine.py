@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from mint.errors import UserError
+from mint.errors import MintError, NonFiniteLogits, UserError
 from mint.models.base import ResidentBase
 from mint.models.lora import BoundAdapter, SlotPlacement, SlotRows, bound
 from mint.serve.checks import check_requests
@@ -169,6 +169,8 @@ class Tick:
     sampled: list[tuple[int, int, int, float]]
     #: (request id, result) for every request whose last row stopped.
     finished: list[tuple[int, SampleResult]]
+    #: (request id, error) for every request that failed in this step and left the batch.
+    failed: list[tuple[int, MintError]] = field(default_factory=list)
 
 
 class Engine:
@@ -211,7 +213,10 @@ class Engine:
         position = {batch.admit(requests[i], checked=True): i for i in order}
         results: list[SampleResult | None] = [None] * len(requests)
         while batch.load:
-            for request_id, result in batch.step().finished:
+            tick = batch.step()
+            if tick.failed:
+                raise tick.failed[0][1]
+            for request_id, result in tick.finished:
                 results[position[request_id]] = result
         return [result for result in results if result is not None]
 
@@ -474,9 +479,10 @@ class DecodeBatch:
         """One decode step for every row (joining queued rows first)."""
         self._join()
         self._drop_cancelled()
+        failed = self._fail_non_finite()
         batch = self._running
         if batch is None:
-            return Tick([], [])
+            return Tick([], [], failed)
         tokens = self.engine._sample(batch)
         sampled = [
             (row.request, row.sample, token, row.logprobs[-1])
@@ -486,12 +492,36 @@ class DecodeBatch:
         survivors = [i for i, row in enumerate(batch.rows) if row.stop_reason is None]
         if not survivors:
             self._running = None
-            return Tick(sampled, finished)
+            return Tick(sampled, finished, failed)
         if len(survivors) < len(batch.rows):
             batch.keep(survivors)
             tokens = [tokens[i] for i in survivors]
         self.engine._advance(batch, tokens)
-        return Tick(sampled, finished)
+        return Tick(sampled, finished, failed)
+
+    def _fail_non_finite(self) -> list[tuple[int, MintError]]:
+        """Requests with a row whose logits hold NaN or infinity (an adapter that overflows)
+        fail and leave; the other rows sample as if they had never been there."""
+        batch = self._running
+        if batch is None or batch.logits is None:
+            return []
+        finite = torch.isfinite(batch.logits).all(dim=-1)
+        if bool(finite.all()):
+            return []
+        failed: list[tuple[int, MintError]] = []
+        for i in (~finite).nonzero().flatten().tolist():
+            row = batch.rows[i]
+            if row.request not in self._rows_of:
+                continue  # another row of this request failed first
+            adapter = "the plain base" if row.adapter is None else f"adapter {row.adapter.key[:12]}"
+            failed.append((row.request, NonFiniteLogits(
+                f"the logits for this request hold NaN or infinite values after "
+                f"{len(row.tokens)} sampled tokens ({adapter}, {self.engine.base.dtype}); its "
+                "weights overflow: check the revision's values, or serve in float32"
+            )))  # fmt: skip
+            self.cancel(row.request)
+        self._drop_cancelled()
+        return failed
 
     def _join(self) -> None:
         if self._prefilling is None:
