@@ -42,6 +42,10 @@ class Settings:
     train_pass_tokens: int = field(
         default_factory=lambda: int(os.environ.get("MINT_TRAIN_PASS_TOKENS", "512"))
     )
+    #: Seconds open requests get to finish once the server is told to stop (SIGTERM).
+    shutdown_grace_s: int = field(
+        default_factory=lambda: int(os.environ.get("MINT_SHUTDOWN_GRACE_S", "10"))
+    )
     #: Sessions without a heartbeat for this long are reaped.
     session_timeout_s: float = 300.0
     #: A client's job waits at most this long for an earlier seq_id that never arrives.

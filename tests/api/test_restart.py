@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
@@ -47,9 +48,9 @@ def _free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def _start(home: Path, port: int) -> subprocess.Popen[bytes]:
+def _start(home: Path, port: int, **extra_env: str) -> subprocess.Popen[bytes]:
     env = dict(os.environ, MINT_HOME=str(home), MINT_API_KEYS=f"alpha={API_KEY}")
-    env.update(MINT_DEVICE="cpu", MINT_DTYPE="float32", MINT_THREADS="1")
+    env.update(MINT_DEVICE="cpu", MINT_DTYPE="float32", MINT_THREADS="1", **extra_env)
     server = subprocess.Popen(
         [sys.executable, "-m", "mint", "serve", "--port", str(port), "--preload", TINY],
         env=env,
@@ -193,3 +194,42 @@ def _check_after_restart(
     # The SDK reads the 410 as "this promise is gone" (measured: 6-27 s after the restart).
     assert "Promise expired/broken" in str(raised.value)
     assert time.monotonic() - started < 120
+
+
+def test_sigterm_stops_the_server_within_its_grace_while_streams_decode(
+    tmp_path: Path, bases_dir: Path
+) -> None:
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "bases").symlink_to(bases_dir, target_is_directory=True)
+    port = _free_port()
+    server = _start(home, port, MINT_SHUTDOWN_GRACE_S="1")
+    body = {"model": TINY, "prompt": "abc", "max_tokens": 500, "n": 64, "stream": True}
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    ended: list[bool] = []  # per stream: whether it reached [DONE]
+
+    def stream() -> None:
+        try:
+            with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/completions", json=body,
+                              headers=headers, timeout=60) as response:  # fmt: skip
+                ended.append(any(line == "data: [DONE]" for line in response.iter_lines()))
+        except httpx.HTTPError:
+            ended.append(False)
+
+    # Four streams of 64 rows x 500 tokens: far more work than the grace allows.
+    clients = [threading.Thread(target=stream) for _ in range(4)]
+    try:
+        for client in clients:
+            client.start()
+        time.sleep(1.0)
+        started = time.monotonic()
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=30)
+        stopped_in = time.monotonic() - started
+    finally:
+        if server.poll() is None:
+            server.kill()
+        for client in clients:
+            client.join(timeout=60)
+    assert stopped_in < 8, f"the server took {stopped_in:.1f} s to stop"
+    assert len(ended) == 4 and not all(ended)  # streams were cut, not waited for

@@ -60,6 +60,10 @@ def serve(settings: Settings, host: str, port: int) -> None:
     app = create_app(service)
     log.info("mint serving on http://%s:%d (data in %s)", host, port, settings.home)
     try:
-        uvicorn.run(app, host=host, port=port, log_level="warning", timeout_keep_alive=75)
+        # On SIGTERM, requests still open get this long to finish; then they are cancelled
+        # (a stream's rows leave the batch) and the process exits. Without a bound a stream
+        # whose client vanished kept the server alive until its last token.
+        uvicorn.run(app, host=host, port=port, log_level="warning", timeout_keep_alive=75,
+                    timeout_graceful_shutdown=settings.shutdown_grace_s)  # fmt: skip
     finally:
         service.close()
