@@ -38,6 +38,7 @@ from mint.catalog.peft_io import CONFIG_FILE, WEIGHTS_FILE, adapter_digest, load
 from mint.catalog.records import RevisionRecord
 from mint.catalog.store import Catalog
 from mint.config import Settings
+from mint.control.collector import defer_full_collections
 from mint.control.futures import JobFuture, JsonResult, Result
 from mint.control.worker import BaseWorker, SampleJob
 from mint.errors import Busy
@@ -65,12 +66,14 @@ class Sizes:
     zipf_requests: int
     zipf_clients: int
     burst: int
+    #: Alternations of the three burst phases; six give each phase about 300 warm tokens,
+    #: so its p99 is not one or two slow tokens (with three it moved 30 points run to run).
     burst_rounds: int
     warm_tokens_alone: int  # per-token gaps measured alone in each burst round
     batching_reps: int = 3  # (a): alternations of the distinct and one-adapter runs
 
 
-FULL = Sizes("smollm2-135m-instruct", 32, 12, 5, 1000, 8, 64, 400, 8, 64, 3, 40)
+FULL = Sizes("smollm2-135m-instruct", 32, 12, 5, 1000, 8, 64, 400, 8, 64, 6, 40)
 QUICK = Sizes("tiny-llama", 6, 4, 2, 30, 4, 8, 40, 4, 8, 1, 8, batching_reps=1)
 
 
@@ -587,6 +590,7 @@ def main(argv: list[str] | None = None) -> int:
     bases_dir = args.bases_dir or settings.bases_dir
     base = load_base(sizes.base, bases_dir, settings.device, settings.dtype)
     gc.freeze()  # as `mint serve` does once a base is loaded
+    defer_full_collections()  # and so does it
     with tempfile.TemporaryDirectory(prefix="mint-bench-serve-") as scratch:
         adapters = Adapters(base, Path(scratch))
         report: dict[str, Any] = {"base": base.base_id, "device": str(base.device),

@@ -19,6 +19,7 @@ from mint.catalog.records import RevisionRecord
 from mint.catalog.store import Catalog
 from mint.config import Settings
 from mint.control.activity import ActivityLog
+from mint.control.collector import defer_full_collections
 from mint.control.futures import FutureTable, JobFuture, JsonResult, Result
 from mint.control.ordering import SeqGate
 from mint.control.paths import CheckpointPath, parse_checkpoint_path
@@ -87,6 +88,8 @@ class Service:
                 # cyclic collector's view stops full collections (measured at 0.3-0.9 s
                 # here) from stalling decode steps.
                 gc.freeze()
+                # Full collections wait for a worker's idle moments (see collector).
+                defer_full_collections()
                 worker = BaseWorker(
                     base, self.engine_config, train_pass_tokens=self.settings.train_pass_tokens
                 )

@@ -22,6 +22,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from mint.catalog.records import RevisionRecord
+from mint.control.collector import collect_if_due
 from mint.control.futures import JobFuture, Result
 from mint.errors import Busy, Cancelled, MintError
 from mint.models.base import ResidentBase
@@ -221,6 +222,10 @@ class BaseWorker:
         steps_in_turn = 0
         while True:
             with self._wake:
+                idle = not self._stopping and not self._has_work_locked()
+            if idle:
+                collect_if_due(idle=True)
+            with self._wake:
                 while not self._stopping and not self._has_work_locked():
                     self._wake.wait()
                 if self._stopping:
@@ -244,6 +249,7 @@ class BaseWorker:
             self._tick()
             self.loader.pacer.decoding(self._batch.load > 0)
             steps_in_turn += 1
+            collect_if_due(idle=False)
 
     def _take_ready_locked(self) -> list[SampleJob]:
         """Ready jobs, in arrival order, while the batch has room; cold ones stay queued."""
