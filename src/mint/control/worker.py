@@ -242,6 +242,7 @@ class BaseWorker:
                 self._run_shared(train_jobs)
             if train_jobs:
                 steps_in_turn = 0
+                collect_if_due(idle=False)
                 continue
             self._join(joining)
             self._apply_cancels()
