@@ -277,12 +277,13 @@ class Engine:
         every_position = any(row.wants_prompt_logprobs for row in rows)
         return _Prefill(batch, ids, mask, positions, every_position)
 
-    def _prefill_chunk(self, prefill: _Prefill) -> bool:
-        """Feed the next chunk of the prompts; True once the whole prompts are in (the
-        batch then holds the logits its rows sample their first token from)."""
+    def _prefill_chunk(self, prefill: _Prefill, whole: bool = False) -> bool:
+        """Feed the next chunk of the prompts (`whole`: all that is left); True once the
+        whole prompts are in (the batch then holds the logits its rows sample their first
+        token from)."""
         batch = prefill.batch
         width = prefill.ids.shape[1]
-        chunk = max(1, self.prefill_chunk_tokens // len(batch.rows))
+        chunk = width if whole else max(1, self.prefill_chunk_tokens // len(batch.rows))
         start, stop = prefill.done, min(width, prefill.done + chunk)
         batch.mask = prefill.mask[:, :stop]
         ids, positions = prefill.ids[:, start:stop], prefill.positions[:, start:stop]
@@ -301,8 +302,7 @@ class Engine:
     def _prefill(self, rows: list[_Row]) -> _Batch:
         """Prefill `rows` to the end, chunk after chunk."""
         prefill = self._start_prefill(rows)
-        while not self._prefill_chunk(prefill):
-            pass
+        self._prefill_chunk(prefill, whole=True)
         return prefill.batch
 
     def _advance(self, batch: _Batch, tokens: list[int]) -> None:
@@ -530,7 +530,9 @@ class DecodeBatch:
                 return
             joining = [self._waiting.popleft() for _ in range(min(free, len(self._waiting)))]
             self._prefilling = self.engine._start_prefill(joining)
-        if not self.engine._prefill_chunk(self._prefilling):
+        # Chunks exist so that running rows keep sampling; with none running, one pass is
+        # cheaper (64 rows of 40 tokens on SmolLM2: 4.7 s in 5 chunks, 3.8 s in one pass).
+        if not self.engine._prefill_chunk(self._prefilling, whole=self._running is None):
             return
         fresh, self._prefilling = self._prefilling.batch, None
         if self._running is None:
