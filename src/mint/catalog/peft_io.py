@@ -20,11 +20,11 @@ import hashlib
 import json
 import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import fsspec
 import torch
@@ -90,20 +90,36 @@ def encode_weights(tensors: AdapterTensors) -> bytes:
     return save_safetensors(dict(sorted(flat.items())), metadata={"format": "pt"})
 
 
-def adapter_digest(weights: bytes, config: bytes) -> str:
-    """The revision's content address: sha256(weights bytes, then config bytes)."""
-    digest = hashlib.sha256()
+class Hasher(Protocol):
+    def update(self, data: Any, /) -> None: ...
+
+    def hexdigest(self) -> str: ...
+
+
+#: The digests kept of a revision's files, by name: sha256 is its content address,
+#: xxh3_128 its load check.
+DIGESTS: dict[str, Callable[[], Hasher]] = {
+    "sha256": hashlib.sha256,
+    "xxh3_128": xxhash.xxh3_128,
+}
+
+
+def files_digest(name: str, weights: Any, config: bytes) -> str:
+    """Digest `name` of a revision's files: over the weights bytes, then the config bytes."""
+    digest = DIGESTS[name]()
     digest.update(weights)
     digest.update(config)
     return digest.hexdigest()
+
+
+def adapter_digest(weights: bytes, config: bytes) -> str:
+    """The revision's content address: sha256(weights bytes, then config bytes)."""
+    return files_digest("sha256", weights, config)
 
 
 def load_digest(weights: bytes, config: bytes) -> str:
     """The revision's load check: xxh3_128(weights bytes, then config bytes), hex."""
-    digest = xxhash.xxh3_128()
-    digest.update(weights)
-    digest.update(config)
-    return digest.hexdigest()
+    return files_digest("xxh3_128", weights, config)
 
 
 def folder_digest(folder: Path) -> tuple[str, int]:

@@ -104,6 +104,10 @@ class SampleJob:
         return self.slot is None or self.slot.done()
 
 
+def _cancelled() -> Cancelled:
+    return Cancelled("the sample request was cancelled by its caller")
+
+
 class BaseWorker:
     def __init__(
         self,
@@ -179,7 +183,7 @@ class BaseWorker:
                 self._cancels.append(future)
                 self._wake.notify()
         if queued is not None:
-            self._end(queued, error=Cancelled("the sample request was cancelled by its caller"))
+            self._end(queued, error=_cancelled())
 
     def _release_loaded(self, slot: concurrent.futures.Future[int]) -> None:
         if not slot.cancelled() and slot.exception() is None:
@@ -194,7 +198,7 @@ class BaseWorker:
             for request_id in found:  # none when the job finished meanwhile
                 self._batch.cancel(request_id)
                 job = self._in_batch.pop(request_id)
-                self._end(job, error=Cancelled("the sample request was cancelled by its caller"))
+                self._end(job, error=_cancelled())
 
     def queued_samples(self) -> int:
         with self._wake:

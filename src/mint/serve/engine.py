@@ -299,12 +299,6 @@ class Engine:
         batch.logits = logits[:, -1, :]
         return True
 
-    def _prefill(self, rows: list[_Row]) -> _Batch:
-        """Prefill `rows` to the end, chunk after chunk."""
-        prefill = self._start_prefill(rows)
-        self._prefill_chunk(prefill, whole=True)
-        return prefill.batch
-
     def _advance(self, batch: _Batch, tokens: list[int]) -> None:
         """Feed each row's newest token; leave the next logits on the batch."""
         device = self.base.device

@@ -34,24 +34,21 @@ byte budget, the slot table a list indexed by slot with None for a free slot.
 from __future__ import annotations
 
 import enum
-import hashlib
 import json
 import logging
 import math
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy
 import torch
-import xxhash
 
-from mint.catalog.peft_io import CONFIG_FILE, WEIGHTS_FILE, split_tensors
+from mint.catalog.peft_io import CONFIG_FILE, DIGESTS, WEIGHTS_FILE, files_digest, split_tensors
 from mint.catalog.records import RevisionRecord
 from mint.catalog.validate import base_mismatch
 from mint.errors import InvalidAdapter, MintError, UserError
@@ -76,18 +73,9 @@ SAFETENSORS_DTYPES = {
 }
 
 
-class _Hasher(Protocol):
-    def update(self, data: Any, /) -> None: ...
-
-    def hexdigest(self) -> str: ...
-
-
 #: The checks admission can run over a revision's files, by the name of the
 #: `RevisionRecord` field holding the expected hex digest.
-LOAD_CHECKS: dict[str, Callable[[], _Hasher]] = {
-    "xxh3_128": xxhash.xxh3_128,
-    "sha256": hashlib.sha256,
-}
+LOAD_CHECKS = DIGESTS
 #: Bytes a revision's files are read into: a writable buffer of exactly the bytes read.
 Buffer = bytes | bytearray | memoryview
 
@@ -123,10 +111,8 @@ class RevisionFiles:
 
     @classmethod
     def of(cls, weights: Buffer, config: bytes, check: str = "sha256") -> RevisionFiles:
-        digest = LOAD_CHECKS[check]()
-        digest.update(weights)
-        digest.update(config)
-        return cls(memoryview(bytearray(weights)), bytes(config), check, digest.hexdigest())
+        digest = files_digest(check, weights, config)
+        return cls(memoryview(bytearray(weights)), bytes(config), check, digest)
 
     @classmethod
     def read(cls, folder: Path, check: str = "sha256") -> RevisionFiles:
