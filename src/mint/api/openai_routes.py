@@ -284,15 +284,19 @@ def openai_error(error: MintError, param: str | None = None) -> JSONResponse:
     """An error in OpenAI's shape, so the `openai` client raises the typed error with its
     code; back-pressure carries Retry-After and `x-should-retry`, which the client obeys."""
     status = http_status_for(error)
-    kind = "invalid_request_error" if error.category == "user" else "server_error"
     headers = {"x-should-retry": "false"}
     if isinstance(error, Busy):
         headers = {
             "x-should-retry": "true",
             "Retry-After": str(max(1, round(error.retry_after_s))),
         }
-    body = {"error": {"message": error.message, "type": kind, "code": error.code, "param": param}}
-    return JSONResponse(body, status, headers=headers)
+    return JSONResponse({"error": _error_body(error, param)}, status, headers=headers)
+
+
+def _error_body(error: MintError, param: str | None = None) -> dict[str, Any]:
+    """OpenAI's error object: message, type, code, param."""
+    kind = "invalid_request_error" if error.category == "user" else "server_error"
+    return {"message": error.message, "type": kind, "code": error.code, "param": param}
 
 
 def _finish_reason(stream: TextStream, stop_reason: str) -> str:
@@ -523,9 +527,7 @@ async def _event_lines(
         if not isinstance(error, MintError):
             log.error("sample failed mid-stream", exc_info=error)
             error = MintError(f"internal error: {error}")
-        kind = "invalid_request_error" if error.category == "user" else "server_error"
-        body = {"message": error.message, "type": kind, "code": error.code, "param": None}
-        yield _sse({"error": body})
+        yield _sse({"error": _error_body(error)})
         yield _sse("[DONE]")
         return
     results = [call.holder[0] for call in calls]
